@@ -1,0 +1,356 @@
+"""InternViT-6B segmentation backbone: the reference (naive) model.
+
+The module tree and the state_dict keys are those of the upstream MMSegmentation
+backbone (InternVL's ``segmentation/mmseg_custom/models/backbones/intern_vit_6b.py``),
+so upstream checkpoints load unchanged. ``fast=True`` keeps every module and only
+routes the blocks' forward through the Triton kernels (see ``fast_path.py``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import nn
+
+from . import attention
+
+logger = logging.getLogger("internvit_fast")
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32.
+
+    The normalised value is cast back to the input dtype *before* the weight
+    multiply, as upstream does, so the multiply rounds in the input dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float, force_fp32: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+        self.force_fp32 = force_fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.force_fp32:
+            return (x.float() * self.gamma.float()).to(x.dtype)
+        return x * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.shape[0]}, force_fp32={self.force_fp32}"
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's semantics: survivors scaled by 1/keep)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_normalization: bool,
+                 use_flash_attn: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.use_flash_attn = use_flash_attn
+        self.qk_normalization = qk_normalization
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        # Over the full C-wide q and k (all heads together), not per head.
+        self.q_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
+        self.k_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # columns ordered (q | k | v)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # (B, N, C) -> (B, H, N, D) as views: head-major columns within q, k, v.
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        out = attention.attend(q, k, v, self.scale, self.use_flash_attn)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as upstream
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 init_values: Optional[float], drop_path: float, use_flash_attn: bool,
+                 with_cp: bool, qk_normalization: bool, layerscale_force_fp32: bool):
+        super().__init__()
+        self.with_cp = with_cp
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_normalization, use_flash_attn)
+        self.ls1 = LayerScale(dim, init_values, layerscale_force_fp32) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = RMSNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values, layerscale_force_fp32) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor):
+        x = self.proj(x)
+        _, _, H, W = x.shape
+        return x.flatten(2).transpose(1, 2), H, W
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        x = self.weight.float()[:, None, None] * x + self.bias.float()[:, None, None]
+        return x.to(dtype)
+
+
+def resize_pos_table(table: torch.Tensor, grid_hw: Sequence[int]) -> torch.Tensor:
+    """Resize a (1, 1 + g*g, C) position table to grid (h, w), cls entry kept.
+
+    Bicubic, align_corners=False, in fp32, cast back to the table's dtype.
+    """
+    n = table.shape[1] - 1
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"position table has {n} patch entries, not a square grid")
+    h, w = grid_hw
+    if (h, w) == (g, g):
+        return table
+    patches = table[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(h, w), mode="bicubic", align_corners=False)
+    patches = patches.flatten(2).transpose(1, 2).to(table.dtype)
+    return torch.cat([table[:, :1], patches], dim=1)
+
+
+def _check_out_indices(out_indices: Sequence[int], depth: int) -> List[int]:
+    idx = [int(i) for i in out_indices]
+    if not idx:
+        raise ValueError("out_indices must name at least one block")
+    bad = [i for i in idx if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"out_indices {idx}: {bad} out of range for depth={depth} (valid 0..{depth - 1})")
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"out_indices {idx} has duplicates")
+    if idx != sorted(idx):
+        raise ValueError(f"out_indices {idx} must be sorted ascending")
+    return idx
+
+
+class InternViT6B(nn.Module):
+    """InternViT-6B segmentation backbone (upstream arguments, names and defaults).
+
+    Extra arguments: ``fast`` routes inference through the fused Triton kernels
+    (same modules, same state_dict); ``dtype`` is the parameter dtype (upstream
+    casts the whole module to bf16).
+    """
+
+    def __init__(self, in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False,
+                 drop_path_rate=0.0, embed_dim=3200, num_heads=25, mlp_ratio=4, init_values=0.1,
+                 qk_normalization=True, depth=48, use_flash_attn=True, with_cp=True,
+                 layerscale_force_fp32=False, out_indices=(7, 11, 15, 23), freeze_vit=False,
+                 with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
+                 dtype=torch.bfloat16):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype} not supported; expected one of {_DTYPES}")
+        self.out_indices = _check_out_indices(out_indices, depth)
+        if with_fpn and len(self.out_indices) != 4:
+            raise ValueError(f"with_fpn needs exactly four out_indices, got {self.out_indices}")
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.pretrain_size = pretrain_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.with_fpn = with_fpn
+        self.freeze_vit = freeze_vit
+        self.fast = bool(fast)
+        self._pos_cache = {}
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
+                  bool(use_flash_attn), with_cp, qk_normalization, layerscale_force_fp32)
+            for i in range(depth)])
+
+        if with_fpn:
+            def final_norm():
+                return LayerNorm2d(embed_dim) if with_final_norm else nn.Identity()
+
+            def up():
+                return nn.ConvTranspose2d(embed_dim, embed_dim, kernel_size=2, stride=2)
+
+            self.up1 = nn.Sequential(up(), LayerNorm2d(embed_dim), nn.GELU(), up(), final_norm())
+            self.up2 = nn.Sequential(up(), final_norm())
+            self.up3 = nn.Sequential(nn.Identity(), final_norm())
+            self.up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), final_norm())
+
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.to(dtype)
+
+        if pretrained is not None:
+            from .checkpoint import load_checkpoint
+            load_checkpoint(self, pretrained)
+        if freeze_vit:
+            for p in self.vit_parameters():
+                p.requires_grad_(False)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cls_token.dtype
+
+    def vit_parameters(self):
+        """Every parameter except the FPN's (what freeze_vit freezes)."""
+        for name, p in self.named_parameters():
+            if not name.startswith(("up1.", "up2.", "up3.", "up4.")):
+                yield p
+
+    # --- input checks and position table -------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
+            raise ValueError(f"x height and width ({h}, {w}) must be positive multiples of "
+                             f"patch_size={self.patch_size}")
+
+    def pos_embed_for(self, grid_hw) -> torch.Tensor:
+        """The position table for a (h, w) patch grid; resized tables are cached."""
+        table = self.pos_embed
+        if torch.is_grad_enabled() and table.requires_grad:
+            return resize_pos_table(table, grid_hw)  # a cached copy would cut the graph
+        key = (tuple(grid_hw), table.data_ptr(), table._version, table.dtype, table.device)
+        hit = self._pos_cache.get(tuple(grid_hw))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, resize_pos_table(table.detach(), grid_hw))
+            self._pos_cache[tuple(grid_hw)] = hit
+        return hit[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pos_cache = {}  # .to()/.cuda()/.half() invalidate cached tables
+        return super()._apply(fn, *args, **kwargs)
+
+    # --- forward -------------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor):
+        x, H, W = self.patch_embed(x.to(self.dtype))
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed_for((H, W))
+        return x, H, W
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self._check_input(x)
+        tokens, H, W = self.embed(x)
+        # Blocks after the last requested output cannot change the outputs: skip them.
+        blocks = self.blocks[: self.out_indices[-1] + 1]
+        from . import fast_path  # the one place where fast and naive part ways
+        if fast_path.use_kernels(self, tokens):
+            feats = fast_path.forward_blocks(blocks, tokens, self.out_indices)
+        else:
+            feats = []
+            for i, blk in enumerate(blocks):
+                tokens = blk(tokens)
+                if i in self.out_indices:
+                    feats.append(tokens)
+        B = x.shape[0]
+        return [f[:, 1:].transpose(1, 2).reshape(B, self.embed_dim, H, W) for f in feats]
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs = self.forward_features(x)
+        if self.with_fpn:
+            outs = [up(f) for up, f in zip((self.up1, self.up2, self.up3, self.up4), outs)]
+        return [o.float().contiguous() for o in outs]
+
+    def extra_repr(self) -> str:
+        return (f"depth={self.depth}, out_indices={self.out_indices}, fast={self.fast}, "
+                f"with_fpn={self.with_fpn}, freeze_vit={self.freeze_vit}")

@@ -1,0 +1,99 @@
+"""What every kernel file shares: the interpreter flag, input checks, the row-norm math."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import, as triton.jit does: TRITON_INTERPRET=1 runs the kernels on
+# CPU tensors through numpy. The interpreter mishandles bf16 arithmetic and
+# tl.dot on bf16, so kernels upcast right after loading, and GEMM operands are
+# upcast only under the interpreter (the GPU build keeps bf16 tensor-core MMAs).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = tl.constexpr(INTERPRETING)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Widest row a single-pass norm kernel holds in registers.
+MAX_ROW = 16384
+
+
+def kernels_can_run_on(device: torch.device) -> bool:
+    """CUDA always; CPU only when the Triton interpreter is on."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
+
+
+def check_tensors(op: str, *named: tuple, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> None:
+    """Raise a ValueError naming the op and argument for anything a kernel cannot take.
+
+    ``named`` holds (name, tensor) pairs; all must share one device.
+    """
+    dtypes = tuple(dtypes)
+    device = None
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected one of {dtypes}")
+        if device is None:
+            device = t.device
+            if not kernels_can_run_on(device):
+                raise ValueError(
+                    f"{op}: {name} is on {device}; the Triton kernels need CUDA tensors "
+                    "(or CPU tensors with TRITON_INTERPRET=1 set before import)")
+        elif t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_row_width(op: str, name: str, n: int) -> None:
+    if not 1 <= n <= MAX_ROW:
+        raise ValueError(f"{op}: {name} rows are {n} wide; the kernel takes 1..{MAX_ROW}")
+
+
+def as_rows(op: str, name: str, t: torch.Tensor, width: int) -> torch.Tensor:
+    """View ``t`` as (rows, width) with unit column stride, never copying."""
+    if t.shape[-1] != width:
+        raise ValueError(f"{op}: {name} last dimension is {t.shape[-1]}, expected {width}")
+    if t.stride(-1) != 1 and t.numel() > 0:
+        raise ValueError(f"{op}: {name} must have unit stride in its last dimension, "
+                         f"got strides {t.stride()}")
+    try:
+        return t.view(-1, width)
+    except RuntimeError:
+        raise ValueError(f"{op}: {name} with shape {tuple(t.shape)} and strides {t.stride()} "
+                         "cannot be viewed as rows of one stride; pass a contiguous tensor") from None
+
+
+def row_launch(n_cols: int) -> dict:
+    """Block and warps for a kernel that keeps one whole row in registers."""
+    block = triton.next_power_of_2(n_cols)
+    # About 8 values per thread: wide rows get more warps, not more registers (with
+    # 16 per thread, ptxas spilled the fp32 qk_norm for sm_80 at width 3200).
+    return {"BLOCK_N": block, "num_warps": max(1, min(16, block // 256))}
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr):
+    """x.to(DTYPE) with round-to-nearest-even, also in the interpreter.
+
+    The interpreter truncates fp32 -> bf16 (seen with triton 3.6); the GPU rounds.
+    Rounding by hand there keeps CPU parity results faithful to the GPU's.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def rms_scale_row(x, w, n_cols, eps, ROUND_TO: tl.constexpr):
+    """RMSNorm of one fp32 row ``x`` (zeros past n_cols) times fp32 weight ``w``.
+
+    Matches upstream's rounding: the normalised row is rounded to the input
+    dtype ROUND_TO before the weight multiply. Returns fp32.
+    """
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    return cast(x * rstd, ROUND_TO).to(tl.float32) * w
