@@ -1,0 +1,206 @@
+"""Checkpoint round trips for every accepted format, with tensors the tests make."""
+import json
+import logging
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from helpers import SMALL, small_model
+from internvit_fast import InternViT6B, load_checkpoint
+from internvit_fast.checkpoint import CheckpointError
+
+
+def _fresh(**kw):
+    return small_model(dtype=torch.float32, **kw)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def internvl_layout(sd, prefix=""):
+    """The InternViT (InternVL) key layout, written out independently of the loader."""
+    out = {}
+    for k, v in sd.items():
+        if k == "cls_token":
+            k = "embeddings.class_embedding"
+        elif k == "pos_embed":
+            k = "embeddings.position_embedding"
+        elif k.startswith("patch_embed.proj."):
+            k = "embeddings.patch_embedding." + k.split(".")[-1]
+        elif re.match(r"blocks\.\d+\.ls[12]\.gamma", k):
+            k = "encoder.layers." + k[len("blocks."):-len(".gamma")]
+        else:
+            k = "encoder.layers." + k[len("blocks."):]
+        out[prefix + k] = v.clone()
+    return out
+
+
+@pytest.mark.parametrize("wrap", [None, "module", "model", "state_dict"])
+def test_upstream_pth_round_trip(tmp_path, wrap):
+    src, dst = _fresh(), _fresh()
+    sd = src.state_dict()
+    torch.save(sd if wrap is None else {wrap: sd, "meta": {"epoch": 3}}, tmp_path / "ckpt.pth")
+    missing, unexpected = load_checkpoint(dst, tmp_path / "ckpt.pth")
+    assert missing == unexpected == []
+    assert_same_weights(src, dst)
+
+
+def test_mmseg_segmentor_checkpoint_takes_backbone_only(tmp_path):
+    src, dst = _fresh(), _fresh()
+    sd = {"backbone." + k: v for k, v in src.state_dict().items()}
+    sd["decode_head.conv_seg.weight"] = torch.randn(150, 8, 1, 1)
+    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "seg.pth")
+    load_checkpoint(dst, str(tmp_path / "seg.pth"))
+    assert_same_weights(src, dst)
+
+
+@pytest.mark.parametrize("prefix", ["", "vision_model."])
+@pytest.mark.parametrize("ext", [".pth", ".bin", ".safetensors"])
+def test_internvl_layout_round_trip(tmp_path, prefix, ext):
+    src, dst = _fresh(), _fresh()
+    sd = internvl_layout(src.state_dict(), prefix)
+    if prefix:
+        sd["mlp1.0.weight"] = torch.randn(4, 4)  # the rest of an InternVL chat model
+    path = str(tmp_path / f"model{ext}")
+    save_file(sd, path) if ext == ".safetensors" else torch.save(sd, path)
+    load_checkpoint(dst, path)
+    assert_same_weights(src, dst)
+
+
+@pytest.mark.parametrize("via", ["index", "folder"])
+def test_sharded_safetensors(tmp_path, via):
+    src, dst = _fresh(), _fresh()
+    sd = internvl_layout(src.state_dict())
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+        weight_map.update({k: name for k in ks})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    load_checkpoint(dst, str(index if via == "index" else tmp_path))
+    assert_same_weights(src, dst)
+
+
+def test_sharded_set_with_missing_shard_names_it(tmp_path):
+    src = _fresh()
+    sd = internvl_layout(src.state_dict())
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    weight_map = {k: "a.safetensors" for k in sd}
+    weight_map["embeddings.class_embedding"] = "b.safetensors"
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="b.safetensors"):
+        load_checkpoint(_fresh(), str(tmp_path / "m.safetensors.index.json"))
+
+
+def test_position_table_and_patch_kernel_resized_at_load(tmp_path):
+    big = small_model(dtype=torch.float32, img_size=80, patch_size=16)  # 5x5 grid, 16px kernel
+    sd = big.state_dict()
+    dst = _fresh()  # 4x4 grid, 14px kernel
+    torch.save(sd, tmp_path / "pre.pth")
+    load_checkpoint(dst, tmp_path / "pre.pth")
+    table = sd["pos_embed"]
+    grid = table[:, 1:].reshape(1, 5, 5, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(dst.pos_embed[:, 1:], want)
+    torch.testing.assert_close(dst.pos_embed[:, :1], table[:, :1])
+    kern = F.interpolate(sd["patch_embed.proj.weight"], size=(14, 14), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(dst.patch_embed.proj.weight, kern)
+    torch.testing.assert_close(dst.blocks[2].mlp.fc1.weight, sd["blocks.2.mlp.fc1.weight"])
+
+
+def test_pretrained_argument_loads(tmp_path):
+    src = _fresh()
+    torch.save(src.state_dict(), tmp_path / "p.pth")
+    dst = InternViT6B(**dict(SMALL, dtype=torch.float32, pretrained=str(tmp_path / "p.pth")))
+    assert_same_weights(src, dst)
+    bf = InternViT6B(**dict(SMALL, pretrained=str(tmp_path / "p.pth")))  # converted to the model dtype
+    assert bf.dtype == torch.bfloat16
+    assert torch.equal(bf.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight.bfloat16())
+
+
+def test_missing_keys_raise_with_list_and_load_nothing(tmp_path):
+    src, dst = _fresh(), _fresh()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    del sd["blocks.2.norm2.weight"]
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.2.norm2.weight'\]"):
+        load_checkpoint(dst, tmp_path / "m.pth")
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although the load failed"
+
+
+def test_unexpected_keys_raise_or_are_logged(tmp_path, caplog):
+    src, dst = _fresh(), _fresh(depth=3, out_indices=[2])  # a deeper checkpoint
+    torch.save(src.state_dict(), tmp_path / "u.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys.*blocks.3"):
+        load_checkpoint(dst, tmp_path / "u.pth")
+    with caplog.at_level(logging.WARNING, logger="internvit_fast"):
+        missing, unexpected = load_checkpoint(dst, tmp_path / "u.pth", strict=False)
+    assert missing == [] and unexpected and all(k.startswith("blocks.3.") for k in unexpected)
+    assert "unexpected keys" in caplog.text and "blocks.3.attn.qkv.weight" in caplog.text
+    torch.testing.assert_close(dst.blocks[2].attn.qkv.weight, src.blocks[2].attn.qkv.weight)
+
+
+def test_missing_keys_logged_when_not_strict(tmp_path, caplog):
+    src, dst = _fresh(), _fresh()
+    sd = src.state_dict()
+    del sd["cls_token"]
+    torch.save(sd, tmp_path / "m.pth")
+    with caplog.at_level(logging.WARNING, logger="internvit_fast"):
+        missing, _ = load_checkpoint(dst, tmp_path / "m.pth", strict=False)
+    assert missing == ["cls_token"] and "cls_token" in caplog.text
+
+
+def test_wrong_shape_names_key(tmp_path):
+    sd = _fresh().state_dict()
+    sd["blocks.1.mlp.fc1.weight"] = torch.randn(10, 96)
+    torch.save(sd, tmp_path / "s.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.fc1\.weight.*\(10, 96\)"):
+        load_checkpoint(_fresh(), tmp_path / "s.pth")
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+def test_truncated_file_names_file(tmp_path, ext):
+    sd = _fresh().state_dict()
+    path = str(tmp_path / f"t{ext}")
+    save_file(sd, path) if ext == ".safetensors" else torch.save(sd, path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        load_checkpoint(_fresh(), path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\xff" * 64])
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+def test_corrupt_file_names_file(tmp_path, content, ext):
+    path = str(tmp_path / f"c{ext}")
+    open(path, "wb").write(content)
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        load_checkpoint(_fresh(), path)
+
+
+def test_missing_file_names_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        load_checkpoint(_fresh(), tmp_path / "nope.pth")
+
+
+def test_loaded_model_gives_source_outputs(tmp_path):
+    src, dst = _fresh(), _fresh()
+    save_file(internvl_layout(src.state_dict(), "vision_model."), str(tmp_path / "m.safetensors"))
+    load_checkpoint(dst, str(tmp_path / "m.safetensors"))
+    img = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        for a, b in zip(src(img), dst(img)):
+            assert torch.equal(a, b)
