@@ -1,0 +1,163 @@
+"""The one prepared GPU run (benchmarks/gpu_run.sh calls this).
+
+    python -m benchmarks.gpu_run [--out DIR] [--budget-s 450] [--smoke]
+
+1. the test suite under CUDA (parity of every kernel, compiled and launched for real);
+2. the kernel and backbone benchmarks (pytest benchmarks/), time-boxed: what does not fit
+   is listed as not measured, never dropped in silence;
+3. writes <date>-<card>.json (card, versions, ceilings, every figure) and a markdown
+   table beside it, and prints the short table last.
+
+Without CUDA it fails loudly, unless --smoke: the same entry points at tiny shapes
+through Triton's interpreter, so this script cannot rot on CPU-only CI.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pytest(args, env, log_path):
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"] + args
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log.write(proc.stdout)
+    tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or [""]
+    print(proc.stdout[-3000:] if proc.returncode else tail[0], flush=True)
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail[0])}
+    return {"rc": proc.returncode, "summary": tail[0].strip("= "), "counts": counts,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _card(torch) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu-smoke"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
+
+
+def collect(raw: dict) -> dict:
+    """Split pytest-benchmark's JSON into kernel and backbone records (their extra_info)."""
+    kernels, backbone = [], []
+    for b in raw.get("benchmarks", []):
+        info = dict(b.get("extra_info", {}))
+        (backbone if "path" in info else kernels).append(info)
+    return {"kernels": kernels, "backbone": backbone}
+
+
+def markdown(res: dict) -> str:
+    c = res["ceilings"]
+    lines = [f"# internvit-fast benchmarks: {res['card']}, {res['date']}", "",
+             f"torch {res['versions']['torch']}, triton {res['versions']['triton']}, "
+             f"CUDA {res['versions']['cuda']}. Command: `{res['command']}`.", "",
+             f"Ceilings measured in this run: device copy {c['copy_gbs']:.0f} GB/s (read + write), "
+             f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s.", "",
+             f"Tests under {'CUDA' if res['card'] != 'cpu-smoke' else 'the interpreter'}: "
+             f"{res['tests']['summary']}", ""]
+    if res["kernels"]:
+        lines += ["## Kernels (bf16, rows = 1297 x batch, width 3200)", "",
+                  "| kernel | batch | impl | ms | GB/s | of copy | TFLOP/s | of matmul |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in sorted(res["kernels"], key=lambda r: (r["kernel"], r["batch"], r["impl"])):
+            lines.append(f"| {k['kernel']} | {k['batch']} | {k['impl']} | {k['ms']:.4f} | "
+                         f"{k.get('gbs', float('nan')):.0f} | {k.get('frac_copy', float('nan')):.0%} | "
+                         f"{k.get('tflops', float('nan')):.1f} | {k.get('frac_matmul', float('nan')):.0%} |")
+        lines.append("")
+    if res["backbone"]:
+        lines += ["## Backbone (bf16 inference)", "",
+                  "| config | batch | path | ms/batch | images/s | ms/image | TFLOP/s | of matmul | peak GB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(res["backbone"], key=lambda r: (r["config"], r["batch"], r["path"])):
+            peak = r.get("peak_mem_gb")
+            lines.append(f"| {r['config']} | {r['batch']} | {r['path']} | {r['ms']:.1f} | {r['images_per_s']:.2f} | "
+                         f"{r['ms_per_image']:.1f} | {r['tflops']:.1f} | {r['frac_matmul']:.0%} | "
+                         f"{'-' if peak is None else f'{peak:.1f}'} |")
+        lines.append("")
+    if res["not_measured"]:
+        lines += ["## Not measured", ""] + [f"- {s}" for s in res["not_measured"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="the prepared GPU run")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="seconds for everything (the tests and the benchmarks); the GPU run's box is 8 minutes")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through the interpreter")
+    ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    args = ap.parse_args(argv)
+    start = time.time()
+
+    import torch
+    import triton
+    if not torch.cuda.is_available() and not args.smoke:
+        print("gpu_run: CUDA is not available; this run needs an H100/H200 (use --smoke on CPU)",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if args.smoke:
+        env["TRITON_INTERPRET"] = "1"
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu_run_")
+
+    if args.skip_tests:
+        tests = {"rc": 0, "summary": "not run (--skip-tests)", "counts": {}}
+    elif args.smoke:  # CI runs the whole suite anyway; exercise the path with one file
+        tests = _pytest(["-q", "tests/test_fast_model.py", "-k", "compiles"], env, os.path.join(work, "tests.log"))
+    else:
+        tests = _pytest(["-q", "tests"], env, os.path.join(work, "tests.log"))
+
+    raw_path = os.path.join(work, "raw.json")
+    env["INTERNVIT_BENCH_DEADLINE"] = str(start + args.budget_s)
+    bench = _pytest(["-q", "-rs", "benchmarks/bench_kernels.py", "benchmarks/bench_backbone.py",
+                     f"--benchmark-json={raw_path}"], env, os.path.join(work, "bench.log"))
+    raw = json.load(open(raw_path)) if os.path.exists(raw_path) else {}
+    res = collect(raw)
+    bench_log = open(os.path.join(work, "bench.log")).read()
+    res["not_measured"] = sorted(set(re.findall(r"SKIPPED \[\d+\] (.+)", bench_log)))
+    ceil = next((r for r in res["kernels"] + res["backbone"] if "copy_gbs" in r), {})
+
+    date = datetime.date.today().isoformat()
+    card = _card(torch)
+    res.update({
+        "card": card, "date": date,
+        "command": "bash benchmarks/gpu_run.sh" + (" --smoke" if args.smoke else ""),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "ceilings": {"copy_gbs": ceil.get("copy_gbs", float("nan")),
+                     "matmul_tflops": ceil.get("matmul_tflops", float("nan"))},
+        "tests": tests, "benchmarks_rc": bench["rc"], "seconds": round(time.time() - start, 1),
+    })
+    stem = os.path.join(args.out, f"{date}-{_slug(card)}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    md = markdown(res)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    for name in ("tests.log", "bench.log"):  # the logs travel with the results
+        src = os.path.join(work, name)
+        if os.path.exists(src):
+            with open(src) as a, open(f"{stem}.{name}", "w") as b:
+                b.write(a.read())
+    print("\n" + md)
+    print(f"wrote {stem}.json and .md in {res['seconds']} s")
+    return 1 if tests["rc"] or bench["rc"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The one prepared GPU run, for a machine with one H100/H200 and no network:
+#   bash benchmarks/gpu_run.sh [--out DIR] [--budget-s 450] [--smoke]
+# Installs the project from the working tree without dependencies (the machine has
+# torch, triton, pytest and pytest-benchmark), then runs benchmarks/gpu_run.py:
+# the tests under CUDA, the kernel and backbone benchmarks, a results JSON + table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ! python -c "import internvit_fast.kernels" 2>/dev/null; then
+  if ! python -m pip install -q --no-deps --no-build-isolation --no-index -e . ; then
+    # No usable setuptools for an editable build: lay the package out by hand
+    # (kernels/ is installed as internvit_fast.kernels).
+    pkg=$(mktemp -d)
+    cp -r internvit_fast "$pkg/internvit_fast"
+    cp -r kernels "$pkg/internvit_fast/kernels"
+    export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+exec python -m benchmarks.gpu_run "$@"

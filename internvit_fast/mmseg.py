@@ -1,0 +1,85 @@
+"""MMSegmentation adapter: registers ``InternViT6B`` (and upstream's linear-probe ``BNHead``).
+
+In a config::
+
+    custom_imports = dict(imports=['internvit_fast.mmseg'], allow_failed_imports=False)
+    model = dict(backbone=dict(type='InternViT6B', fast=True, ...), ...)
+
+With MMSegmentation 1.x the classes go into ``mmseg.registry.MODELS``; with 0.x into
+``BACKBONES``/``HEADS``. The core package never imports mmseg or mmcv: only this module does.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .model import InternViT6B as _InternViT6B
+
+try:  # MMSegmentation 1.x
+    from mmengine.model import BaseModule
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    from mmseg.registry import MODELS as _BACKBONES
+    _HEADS = _BACKBONES
+    MMSEG_MAJOR = 1
+except ImportError:  # MMSegmentation 0.x
+    from mmcv.runner import BaseModule
+    from mmseg.models.builder import BACKBONES as _BACKBONES
+    from mmseg.models.builder import HEADS as _HEADS
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    MMSEG_MAJOR = 0
+
+
+@_BACKBONES.register_module(name="InternViT6B", force=True)
+class InternViT6B(_InternViT6B, BaseModule):
+    """internvit_fast.InternViT6B as an mmengine BaseModule (every argument, ``fast`` included).
+
+    The state_dict keys are the plain model's, so a segmentor's keys are upstream's
+    (``backbone.blocks.N...``). ``pretrained=`` loads at construction and
+    ``init_cfg=dict(type='Pretrained', checkpoint=...)`` at ``init_weights()``, both
+    through internvit_fast's loader (InternVL layouts, safetensors, resizing, strict keys).
+    """
+
+    def __init__(self, *args, init_cfg=None, **kwargs):
+        # MRO: _InternViT6B.__init__ -> BaseModule.__init__() -> nn.Module.__init__().
+        super().__init__(*args, **kwargs)
+        self.init_cfg = copy.deepcopy(init_cfg)
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
+            load_checkpoint(self, cfg["checkpoint"], strict=cfg.get("strict", True))
+            self._is_init = True
+            return
+        # No pretrained weights: the constructor already initialised every parameter
+        # as upstream does; other init_cfg types go through mmengine.
+        if cfg:
+            super().init_weights()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_vit:  # frozen stays frozen, whatever a runner toggles
+            for p in self.vit_parameters():
+                p.requires_grad_(False)
+        return self
+
+
+@_HEADS.register_module(name="BNHead", force=True)
+class BNHead(BaseDecodeHead):
+    """Upstream's linear-probing head: BatchNorm over the (concatenated) features, then
+    the 1x1 classifier. ``in_channels`` must equal ``channels``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.in_channels != self.channels:
+            raise ValueError(f"BNHead: in_channels ({self.in_channels}) must equal channels ({self.channels})")
+        norm = (self.norm_cfg or {}).get("type", "BN")
+        self.bn = nn.SyncBatchNorm(self.channels) if norm == "SyncBN" else nn.BatchNorm2d(self.channels)
+
+    def forward(self, inputs):
+        x = self._transform_inputs(inputs)
+        if isinstance(x, (list, tuple)):
+            x = torch.cat(x, dim=1)
+        return self.cls_seg(self.bn(x))

@@ -1,0 +1,110 @@
+"""InternViT6B(fast=True) against fast=False with the same weights, and the switch's rules."""
+import warnings
+
+import pytest
+import torch
+
+import internvit_fast.fast_path as fast_path
+from helpers import assert_parity, small_model
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _pair(dtype, **kw):
+    naive = small_model(dtype=dtype, **kw)
+    fast = small_model(dtype=dtype, fast=True, **kw)
+    fast.load_state_dict(naive.state_dict())
+    ref64 = small_model(dtype=torch.float32, **kw).double()
+    ref64.load_state_dict(naive.state_dict())
+    return naive, fast, ref64
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = fast_path.forward_blocks
+    monkeypatch.setattr(fast_path, "forward_blocks", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [
+    dict(out_indices=[0, 1, 2, 3]),
+    dict(out_indices=[0, 1, 2, 3], with_fpn=True, with_final_norm=True),
+    dict(out_indices=[1, 3], layerscale_force_fp32=True),
+    dict(out_indices=[2], use_flash_attn=False, qkv_bias=True),
+    dict(out_indices=[3], init_values=None, qk_normalization=False),
+], ids=["all-outs", "fpn", "ls-fp32", "naive-attn", "no-ls-no-qknorm"])
+def test_fast_matches_naive(device, dtype, kw, monkeypatch):
+    naive, fast, ref64 = (m.to(device) for m in _pair(dtype, **kw))
+    img = torch.randn(2, 3, 56, 42, device=device)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        got, base, exact = fast(img), naive(img), ref64(img.double())
+    assert calls == [1], "fast path did not run the kernels"
+    assert len(got) == len(base)
+    for i, (g, b, e) in enumerate(zip(got, base, exact)):
+        assert g.shape == b.shape and g.dtype == torch.float32
+        assert_parity(g, e, b, atol=1e-4, what=f"output {i}")
+
+
+def test_fast_inference_mode_and_frozen_training_run_kernels(device, monkeypatch):
+    naive, fast, _ = _pair(torch.bfloat16, freeze_vit=True, with_fpn=True, out_indices=[0, 1, 2, 3])
+    fast, naive = fast.to(device), naive.to(device)
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56, device=device)
+    with torch.inference_mode():
+        fast(img)
+    fast.train()  # frozen ViT, input without grad: the kernels run, the FPN still trains
+    outs = fast(img)
+    assert calls == [1, 1]
+    sum(o.sum() for o in outs).backward()
+    assert fast.up1[0].weight.grad is not None and fast.blocks[0].attn.qkv.weight.grad is None
+
+
+def test_fast_with_grad_uses_reference_and_gives_its_gradients(device, monkeypatch):
+    naive, fast, _ = _pair(torch.float32, out_indices=[1, 3])
+    naive, fast = naive.to(device), fast.to(device)
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56, device=device)
+    for m in (naive, fast):
+        sum(o.square().sum() for o in m(img)).backward()
+    assert calls == []
+    for (name, a), b in zip(naive.named_parameters(), fast.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_fast_with_active_drop_path_uses_reference(device, monkeypatch):
+    _, fast, _ = _pair(torch.float32, drop_path_rate=0.5, out_indices=[3])
+    fast.to(device).train()
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 56, 56, device=device))
+    assert calls == []
+
+
+def test_fast_on_cpu_without_interpreter_warns_once_and_runs_reference(monkeypatch):
+    naive, fast, _ = _pair(torch.bfloat16)
+    monkeypatch.setattr(fast_path, "kernels_can_run_on", lambda device: False)
+    monkeypatch.setattr(fast_path, "_warned_cpu", False)
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a, b = fast(img), fast(img)
+    assert calls == []
+    assert len([w for w in seen if "Triton kernels need CUDA" in str(w.message)]) == 1
+    with torch.no_grad():
+        for x, y in zip(a, naive(img)):
+            assert torch.equal(x, y)
+
+
+def test_fast_model_compiles_without_graph_breaks(device):
+    _, fast, _ = _pair(torch.bfloat16, out_indices=[1, 3])
+    fast.to(device)
+    img = torch.randn(1, 3, 56, 56, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    with torch.no_grad():
+        got, want = compiled(img), fast(img)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
