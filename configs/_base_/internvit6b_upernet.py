@@ -3,7 +3,6 @@
 custom_imports = dict(imports=['internvit_fast.mmseg'], allow_failed_imports=False)
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
-crop_size = (504, 504)
 data_preprocessor = dict(
     type='SegDataPreProcessor',
     mean=[123.675, 116.28, 103.53],
@@ -11,7 +10,7 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=crop_size)
+    size=(504, 504))
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -62,4 +61,4 @@ model = dict(
         align_corners=False,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
     train_cfg=dict(),
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
+    test_cfg=dict(mode='slide', crop_size=(504, 504), stride=(341, 341)))
