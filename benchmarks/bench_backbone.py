@@ -14,7 +14,7 @@ from internvit_fast import InternViT6B
 from internvit_fast.presets import PRESETS, flops_per_image
 
 if harness.CUDA:
-    CONFIGS, BATCHES = ["upernet", "linear"], [1, 2, 4, 8]
+    CONFIGS, BATCHES = ["upernet", "linear"], [4, 1, 2, 8]
 else:
     CONFIGS, BATCHES = ["small"], [1]
 PATHS = ["reference", "fast", "compile-max-autotune", "compile-default", "fast-cudagraph"]

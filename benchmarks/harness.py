@@ -87,9 +87,11 @@ def rotating(make: Callable[[], Sequence[torch.Tensor]], nbytes: int) -> List[Se
 def compile_fn(fn, mode: str):
     """torch.compile with a named mode; inductor on GPU, aot_eager for the CPU smoke run
     (inductor's C++ build would dominate CI time; the call path is the same)."""
+    # dynamic=False: one static graph per batch size, as a user compiling for a fixed
+    # batch gets (automatic dynamic shapes would switch to a symbolic batch on the 2nd size).
     if CUDA:
-        return torch.compile(fn, mode=mode)
-    return torch.compile(fn, backend="aot_eager")
+        return torch.compile(fn, mode=mode, dynamic=False)
+    return torch.compile(fn, backend="aot_eager", dynamic=False)
 
 
 def record(benchmark, **info) -> None:

@@ -243,9 +243,15 @@ class InternViT6B(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+
+        def built(module: nn.Module) -> nn.Module:
+            # Initialise in fp32, then cast block by block: a 6B model never exists in
+            # fp32 all at once (24 GB), only in the target dtype plus one block.
+            return module.apply(self._init_weights).to(dtype)
+
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
-                  bool(use_flash_attn), with_cp, qk_normalization, layerscale_force_fp32)
+            built(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
+                        bool(use_flash_attn), with_cp, qk_normalization, layerscale_force_fp32))
             for i in range(depth)])
 
         if with_fpn:
@@ -260,7 +266,6 @@ class InternViT6B(nn.Module):
             self.up3 = nn.Sequential(nn.Identity(), final_norm())
             self.up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), final_norm())
 
-        self.apply(self._init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.to(dtype)
