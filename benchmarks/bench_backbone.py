@@ -1,11 +1,16 @@
 """Whole-backbone benchmarks: bf16 inference in the upstream segmentation configurations.
 
-Paths: the reference, the fast path, torch.compile of the reference (max-autotune-no-
-cudagraphs and default), and the fast path replayed from a CUDA graph. Random weights
-(never zeros: they run faster than real data). Reports images/s, ms per image,
-achieved TFLOP/s from counted FLOPs, its fraction of the measured matmul ceiling, and
-peak memory. On CPU: the same code on the small preset through the interpreter.
+Paths: the reference (SDPA attention; at batch 1 also the naive attention), the fast
+path, torch.compile of the reference (max-autotune-no-cudagraphs and default), and the
+fast path replayed from a CUDA graph. Random weights (never zeros: they run faster
+than real data). Reports images/s, ms per image, achieved TFLOP/s from counted FLOPs,
+its fraction of the measured matmul ceiling, and peak memory. Also, at full size: the
+fast and reference paths against an fp32 model (the parity rule), and a profile of
+where each path spends its time. On CPU: the same code on the small preset through
+the interpreter.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -14,42 +19,45 @@ from internvit_fast import InternViT6B
 from internvit_fast.presets import PRESETS, flops_per_image
 
 if harness.CUDA:
-    CONFIGS, BATCHES = ["upernet", "linear"], [4, 1, 2, 8]
+    CONFIGS, BATCHES, MAIN = ["upernet", "linear"], [4, 1, 2, 8], "upernet"
 else:
-    CONFIGS, BATCHES = ["small"], [1]
-PATHS = ["reference", "fast", "compile-max-autotune", "compile-default", "fast-cudagraph"]
+    CONFIGS, BATCHES, MAIN = ["small"], [1], "small"
+PATHS = ["reference", "fast", "fast-cudagraph", "compile-default", "compile-max-autotune"]
+CASES = [(c, b, p) for c in CONFIGS for b in BATCHES for p in PATHS] + [(MAIN, 1, "reference-naive-attn")]
 
-_models = {}
+_models, _compiled = {}, {}
 
 
-def model_for(config: str, fast: bool) -> InternViT6B:
-    """One set of random weights per configuration, shared by the reference and fast models."""
-    key = (config, fast)
-    if key not in _models:
-        for k in [k for k in _models if k[0] != config]:  # one 12 GB model pair on the card at a time
-            del _models[k]
+def model_for(config: str) -> InternViT6B:
+    """One bf16 model per configuration (random weights), shared by every path."""
+    if config not in _models:
+        _models.clear()  # one 12 GB model on the card at a time
+        _compiled.clear()
         torch.cuda.empty_cache() if harness.CUDA else None
-        cfg = PRESETS[config]
         with torch.device(harness.DEVICE):
             torch.manual_seed(0)
-            model = InternViT6B(**cfg, fast=fast, with_cp=False).eval()
+            model = InternViT6B(**PRESETS[config], with_cp=False).eval()
             with torch.no_grad():
                 for p in model.parameters():
                     if p.ndim == 1:
                         p.uniform_(0.5, 1.5)  # norms and gammas: non-trivial, never zeros
-        _models[key] = model
-    return _models[key]
+        _models[config] = model
+    return _models[config]
 
 
-def _forward_fn(config: str, path: str):
-    if path == "fast-cudagraph" and not harness.CUDA:
-        pytest.skip("CUDA graphs need a GPU")
-    model = model_for(config, fast=path.startswith("fast"))
-    if path == "compile-max-autotune":
-        return harness.compile_fn(model, "max-autotune-no-cudagraphs")
-    if path == "compile-default":
-        return harness.compile_fn(model, "default")
-    return model
+@contextlib.contextmanager
+def path_settings(model: InternViT6B, fast: bool = False, naive_attn: bool = False):
+    """Set the fast switch and the attention backend for one path; restore them after."""
+    saved = model.fast, [b.attn.use_flash_attn for b in model.blocks]
+    model.fast = fast
+    for b in model.blocks:
+        b.attn.use_flash_attn = not naive_attn
+    try:
+        yield model
+    finally:
+        model.fast = saved[0]
+        for b, flag in zip(model.blocks, saved[1]):
+            b.attn.use_flash_attn = flag
 
 
 def _cuda_graph(fn, example):
@@ -71,19 +79,31 @@ def _cuda_graph(fn, example):
     return replay
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("config", CONFIGS)
+def _forward_fn(config: str, path: str, example: torch.Tensor):
+    model = model_for(config)
+    if path.startswith("compile"):
+        mode = "default" if path == "compile-default" else "max-autotune-no-cudagraphs"
+        if (config, mode) not in _compiled:
+            _compiled[config, mode] = harness.compile_fn(model, mode)
+        return _compiled[config, mode]
+    if path == "fast-cudagraph":
+        if not harness.CUDA:
+            pytest.skip("CUDA graphs need a GPU")
+        return _cuda_graph(model, example)
+    return model
+
+
+@pytest.mark.parametrize("config, batch, path", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_backbone(benchmark, ceilings, config, batch, path):
     cfg = PRESETS[config]
     size = cfg["img_size"]
-    fn = _forward_fn(config, path)
+    model = model_for(config)
     imgs = [torch.randn(batch, 3, size, size, device=harness.DEVICE) for _ in range(2)]
     if harness.CUDA:
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        if path == "fast-cudagraph":
-            fn = _cuda_graph(fn, imgs[0])
+    with path_settings(model, fast=path.startswith("fast"), naive_attn=path.endswith("naive-attn")), \
+            torch.inference_mode():
+        fn = _forward_fn(config, path, imgs[0])
         stats = benchmark.pedantic(lambda: harness.median_ms(lambda i: fn(imgs[i % 2]), warmup=2,
                                                              repeats=5 if harness.CUDA else 2),
                                    rounds=1, iterations=1)
@@ -95,3 +115,83 @@ def test_backbone(benchmark, ceilings, config, batch, path):
                    ms_per_image=stats["ms"] / batch, tflops=tflops,
                    frac_matmul=tflops / ceilings["matmul_tflops"],
                    peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if harness.CUDA else None, **ceilings)
+
+
+def _err(out, exact):
+    return max((o.double() - e.double()).abs().max().item() for o, e in zip(out, exact))
+
+
+def test_full_size_parity(benchmark):
+    """At the real size: reference (SDPA and naive attention) and fast path against fp32.
+
+    The parity rule of the kernel tests, on the whole backbone: the fast path's error
+    against an fp32 model with the same weights is at most twice the bf16 reference's.
+    """
+    model = model_for(MAIN)
+    size = PRESETS[MAIN]["img_size"]
+    img = torch.randn(1, 3, size, size, device=harness.DEVICE)
+
+    def run():
+        res = {}
+        with torch.device(harness.DEVICE):
+            exact_model = InternViT6B(**PRESETS[MAIN], with_cp=False, dtype=torch.float32).eval()
+        exact_model.load_state_dict(model.state_dict())
+        with torch.inference_mode():
+            for name, kw in [("sdpa", {}), ("naive", dict(naive_attn=True)), ("fast", dict(fast=True))]:
+                with path_settings(model, **kw):
+                    res[name] = model(img)
+            tf32 = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False  # the convolutions too, in real fp32
+            try:
+                res["exact"] = exact_model(img)
+            finally:
+                torch.backends.cudnn.allow_tf32 = tf32
+            del exact_model
+        return res
+
+    res = benchmark.pedantic(run, rounds=1, iterations=1)
+    shapes = [tuple(o.shape) for o in res["sdpa"]]
+    for name in ("naive", "fast", "exact"):
+        assert [tuple(o.shape) for o in res[name]] == shapes
+    assert all(torch.isfinite(o).all() for r in res.values() for o in r)
+    errs = {name: _err(res[name], res["exact"]) for name in ("sdpa", "naive", "fast")}
+    scale = max(o.abs().max().item() for o in res["exact"])
+    harness.record(benchmark, check="full_size_parity", config=MAIN, shapes=shapes, max_abs_out=scale,
+                   **{f"err_{k}": v for k, v in errs.items()})
+    assert errs["naive"] <= 2 * errs["sdpa"] + 1e-3 * scale, errs
+    assert errs["fast"] <= 2 * errs["sdpa"] + 1e-3 * scale, errs
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_profile(benchmark, path):
+    """Where one forward spends its time: the top kernels by device time (or CPU time)."""
+    model = model_for(MAIN)
+    size = PRESETS[MAIN]["img_size"]
+    batch = 4 if harness.CUDA else 1
+    img = torch.randn(batch, 3, size, size, device=harness.DEVICE)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if harness.CUDA else [])
+    with path_settings(model, fast=path == "fast"), torch.inference_mode():
+        model(img)
+        harness.sync()
+
+        def run():
+            with torch.profiler.profile(activities=acts) as prof:
+                model(img)
+                harness.sync()
+            return prof
+
+        prof = benchmark.pedantic(run, rounds=1, iterations=1)
+    if harness.CUDA:  # the kernels themselves: an operator's total would count its kernels again
+        attr = "device_time_total"
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        attr = "self_cpu_time_total"
+        events = list(prof.key_averages())
+    events = [e for e in events if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:12]
+    harness.record(benchmark, check="profile", config=MAIN, batch=batch, profiled_path=path,
+                   total_ms=total / 1e3,
+                   top=[{"name": e.key[:90], "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+                         "calls": e.count} for e in top])
+    assert top

@@ -311,8 +311,10 @@ class InternViT6B(nn.Module):
     def pos_embed_for(self, grid_hw) -> torch.Tensor:
         """The position table for a (h, w) patch grid; resized tables are cached."""
         table = self.pos_embed
-        if torch.is_grad_enabled() and table.requires_grad:
-            return resize_pos_table(table, grid_hw)  # a cached copy would cut the graph
+        if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
+            # A cached copy would cut the autograd graph; an inference tensor (a model built
+            # under inference_mode) has no version counter to tell us when it changed.
+            return resize_pos_table(table, grid_hw)
         key = (tuple(grid_hw), table.data_ptr(), table._version, table.dtype, table.device)
         hit = self._pos_cache.get(tuple(grid_hw))
         if hit is None or hit[0] != key:

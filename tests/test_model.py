@@ -143,6 +143,13 @@ def test_position_table_resized_for_other_sizes_and_cached():
         assert not torch.equal(m.pos_embed_for((3, 5)), t1)
 
 
+def test_model_built_under_inference_mode_runs_other_sizes():
+    with torch.inference_mode():
+        m = small_model(out_indices=[1])
+        (o,) = m(torch.randn(1, 3, 42, 70))
+    assert o.shape == (1, 96, 3, 5)
+
+
 def test_any_multiple_of_patch_size_works():
     m = small_model(out_indices=[3])
     for h, w in [(14, 14), (42, 70), (84, 28)]:
