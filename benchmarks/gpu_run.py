@@ -1,6 +1,6 @@
 """The one prepared GPU run (benchmarks/gpu_run.sh calls this).
 
-    python -m benchmarks.gpu_run [--out DIR] [--budget-s 450] [--smoke]
+    python -m benchmarks.gpu_run [--out DIR] [--budget-s 450] [--tune] [--smoke]
 
 1. the test suite under CUDA (parity of every kernel, compiled and launched for real);
 2. the kernel and backbone benchmarks (pytest benchmarks/), time-boxed: what does not fit
@@ -113,6 +113,10 @@ def main(argv=None) -> int:
                     help="seconds for everything (the tests and the benchmarks); the GPU run's box is 8 minutes")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through the interpreter")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    ap.add_argument("--tune", action="store_true",
+                    help="first sweep the kernels' launch configurations (benchmarks/tune.py, up to "
+                         "--tune-s of the box) and write the winners, then measure with them")
+    ap.add_argument("--tune-s", type=float, default=150.0)
     args = ap.parse_args(argv)
     start = time.time()
 
@@ -128,6 +132,16 @@ def main(argv=None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpu_run_")
+
+    tuned = None
+    if args.tune:
+        cmd = [sys.executable, "-m", "benchmarks.tune", "--out", args.out, "--budget-s", str(args.tune_s)]
+        cmd += ["--smoke"] if args.smoke else []
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        tuned = {"rc": proc.returncode, "seconds": round(time.time() - start, 1)}
+        if proc.returncode:
+            print("gpu_run: tuning failed; measuring with the committed configurations", file=sys.stderr)
 
     if args.skip_tests:
         tests = {"rc": 0, "summary": "not run (--skip-tests)", "counts": {}}
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
                      "python": platform.python_version()},
         "ceilings": {"copy_gbs": ceil.get("copy_gbs", float("nan")),
                      "matmul_tflops": ceil.get("matmul_tflops", float("nan"))},
-        "tests": tests, "benchmarks_rc": bench["rc"], "seconds": round(time.time() - start, 1),
+        "tests": tests, "tuning": tuned, "benchmarks_rc": bench["rc"], "seconds": round(time.time() - start, 1),
     })
     stem = os.path.join(args.out, f"{date}-{_slug(card)}")
     with open(stem + ".json", "w") as f:

@@ -29,6 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .kernels import tuning
 from .kernels._common import INTERPRETING, row_launch
 from .kernels.gelu_linear import CONFIGS as GEMM_CONFIGS
 from .kernels.gelu_linear import _gelu_linear_kernel
@@ -77,6 +78,27 @@ class Spec:
         return (self.name, ptrs, tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages, div)
 
 
+def kernel_spec(kernel: str, p: str, m: int, n: int, k: int = 0, launch: dict = None, **flags) -> Spec:
+    """One launch as the fast path makes it: pointer type ``p`` ("*bf16"), ``m`` rows of width
+    ``n`` (the GEMM: (m, k) @ (k, n)), launch settings as the launcher picks them, flags."""
+    launch = dict(launch or row_launch(n if kernel != "gelu_linear" else k))
+    warps, stages = launch.pop("num_warps"), launch.pop("num_stages", 1)
+    if kernel == "gelu_linear":
+        return Spec(kernel, _gelu_linear_kernel,
+                    dict(A=p, W=p, BIAS=p, Y=p, M=m, N=n, K=k, stride_am=k, stride_wn=k, stride_ym=n),
+                    dict(launch, HAS_BIAS=True, EVEN_K=k % launch["BLOCK_K"] == 0,
+                         DOT_PRECISION="ieee" if p == "*fp32" else "tf32"), warps, stages, is_gemm=True)
+    if kernel == "rms_norm":
+        args = dict(X=p, W=p, Y=p, stride_x=n, stride_y=n, N=n, eps=1e-6)
+        return Spec(kernel, _rms_norm_kernel, args, launch, warps)
+    if kernel == "qk_norm":
+        args = dict(QKV=p, WQ=p, WK=p, OUT=p, stride_qkv=3 * n, rows=m, C=n, eps=1e-6)
+        return Spec(kernel, _qk_norm_kernel, args, dict(launch, NORMALIZE=True), warps)
+    args = dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, stride_x=n, stride_y=n, stride_xo=n, stride_ho=n,
+                N=n, eps=1e-6)
+    return Spec(kernel, _residual_rms_norm_kernel, args, dict(launch, **flags), warps)
+
+
 def specs_for(arch: int) -> List[Spec]:
     """Every (kernel, configuration, specialisation) the fast path launches at these shapes."""
     out: Dict[tuple, Spec] = {}
@@ -84,33 +106,26 @@ def specs_for(arch: int) -> List[Spec]:
     def add(spec: Spec, shape: str):
         out.setdefault(spec.key(), spec).shapes.append(shape)
 
-    row = row_launch(EMBED)
-    warps = row.pop("num_warps")
     for dname, p in DTYPES.items():
+        gemm = GEMM_CONFIGS["fp32" if dname == "fp32" else ("sm90" if arch == 90 else "sm80")]
         for img, tokens in TOKENS.items():
             for b in BATCHES:
-                m = tokens * b
-                shape = f"{dname} {img}px b{b}"
-                add(Spec("rms_norm", _rms_norm_kernel,
-                         dict(X=p, W=p, Y=p, stride_x=EMBED, stride_y=EMBED, N=EMBED, eps=1e-6),
-                         dict(row), warps), shape)
-                add(Spec("qk_norm", _qk_norm_kernel,
-                         dict(QKV=p, WQ=p, WK=p, OUT=p, stride_qkv=3 * EMBED, rows=m, C=EMBED, eps=1e-6),
-                         dict(row, NORMALIZE=True), warps), shape)
+                m, shape = tokens * b, f"{dname} {img}px b{b}"
+                add(kernel_spec("rms_norm", p, m, EMBED), shape)
+                add(kernel_spec("qk_norm", p, m, EMBED), shape)
                 for has_gamma in (True, False):
                     for has_norm in (True, False):
-                        add(Spec("residual_rms_norm", _residual_rms_norm_kernel,
-                                 dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, stride_x=EMBED, stride_y=EMBED,
-                                      stride_xo=EMBED, stride_ho=EMBED, N=EMBED, eps=1e-6),
-                                 dict(row, HAS_GAMMA=has_gamma, HAS_NORM=has_norm), warps), shape)
-                cfg = dict(GEMM_CONFIGS["fp32" if dname == "fp32" else ("sm90" if arch == 90 else "sm80")])
-                nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-                add(Spec("gelu_linear", _gelu_linear_kernel,
-                         dict(A=p, W=p, BIAS=p, Y=p, M=m, N=HIDDEN, K=EMBED,
-                              stride_am=EMBED, stride_wn=EMBED, stride_ym=HIDDEN),
-                         dict(cfg, HAS_BIAS=True, EVEN_K=EMBED % cfg["BLOCK_K"] == 0,
-                              DOT_PRECISION="ieee" if dname == "fp32" else "tf32"),
-                         nw, ns, is_gemm=True), shape)
+                        add(kernel_spec("residual_rms_norm", p, m, EMBED, HAS_GAMMA=has_gamma,
+                                        HAS_NORM=has_norm), shape)
+                add(kernel_spec("gelu_linear", p, m, HIDDEN, EMBED, gemm), shape)
+    # Measured winners (kernels/tuned/sm<arch>.json) are configurations the fast path picks too.
+    for kernel, entries in tuning.table(f"sm{arch}").items():
+        for entry in entries:
+            sh = entry["shape"]
+            launch = entry["config"] if kernel == "gelu_linear" else row_launch(sh["N"], entry["config"])
+            flags = dict(HAS_GAMMA=True, HAS_NORM=True) if kernel == "residual_rms_norm" else {}
+            add(kernel_spec(kernel, DTYPES[sh["dtype"]], sh["M"], sh["N"], sh.get("K", 0), launch, **flags),
+                f"tuned {sh}")
     return list(out.values())
 
 

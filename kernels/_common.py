@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import triton
@@ -66,12 +66,19 @@ def as_rows(op: str, name: str, t: torch.Tensor, width: int) -> torch.Tensor:
                          "cannot be viewed as rows of one stride; pass a contiguous tensor") from None
 
 
-def row_launch(n_cols: int) -> dict:
-    """Block and warps for a kernel that keeps one whole row in registers."""
+def row_launch(n_cols: int, tuned: Optional[dict] = None) -> dict:
+    """Block and warps for a kernel that keeps one whole row in registers.
+
+    ``tuned`` (from kernels/tuned/, see tuning.py) may set num_warps; the block is
+    always the row width rounded up to a power of two.
+    """
     block = triton.next_power_of_2(n_cols)
     # About 8 values per thread: wide rows get more warps, not more registers (with
     # 16 per thread, ptxas spilled the fp32 qk_norm for sm_80 at width 3200).
-    return {"BLOCK_N": block, "num_warps": max(1, min(16, block // 256))}
+    warps = max(1, min(16, block // 256))
+    if tuned and "num_warps" in tuned:
+        warps = int(tuned["num_warps"])
+    return {"BLOCK_N": block, "num_warps": warps}
 
 
 @triton.jit

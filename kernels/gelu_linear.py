@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, INTERPRETING, cast, check_tensors
+from .tuning import lookup
 
 OP = "gelu_linear"
 
@@ -41,9 +42,13 @@ CONFIGS = {
 }
 
 
-def pick_config(dtype: torch.dtype, device: torch.device) -> dict:
+def pick_config(dtype: torch.dtype, device: torch.device, m: int = 0, n: int = 0, k: int = 0) -> dict:
+    """The measured configuration for this card and shape (kernels/tuned/), else the table above."""
     if INTERPRETING or device.type != "cuda":
         return CONFIGS["interpreter"]
+    tuned = lookup(OP, device, M=m, N=n, K=k, dtype=dtype)
+    if tuned:
+        return tuned
     if dtype == torch.float32:
         return CONFIGS["fp32"]
     major, _ = torch.cuda.get_device_capability(device)
@@ -137,7 +142,7 @@ def gelu_linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         return out
     if k == 0:
         raise ValueError(f"{OP}: K = 0 (empty reduction) is not supported")
-    cfg = dict(config or pick_config(a.dtype, a.device))
+    cfg = dict(config or pick_config(a.dtype, a.device, m, n, k))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gelu_linear_kernel[grid](
         a, weight, bias if bias is not None else weight, out, m, n, k,

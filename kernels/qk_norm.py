@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from .tuning import lookup
 
 OP = "qk_norm"
 
@@ -71,7 +72,7 @@ def _qk_norm_kernel(
 
 
 def qk_norm_launch(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
-                   eps: float, out: torch.Tensor) -> torch.Tensor:
+                   eps: float, out: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
     """Check the inputs, then write the (3, ..., C) split of ``qkv`` into ``out``."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError(f"{OP}: pass both q_weight and k_weight, or neither")
@@ -94,8 +95,9 @@ def qk_norm_launch(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight
     wq = q_weight.contiguous() if q_weight is not None else out  # placeholder pointer, never read
     wk = k_weight.contiguous() if k_weight is not None else out
     if rows.shape[0]:
+        launch = row_launch(c, config or lookup(OP, qkv.device, M=rows.shape[0], N=c, dtype=qkv.dtype))
         _qk_norm_kernel[(rows.shape[0],)](rows, wq, wk, out, rows.stride(0), rows.shape[0], c, eps,
-                                          NORMALIZE=q_weight is not None, **row_launch(c))
+                                          NORMALIZE=q_weight is not None, **launch)
     return out
 
 

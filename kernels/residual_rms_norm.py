@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from .tuning import lookup
 
 OP = "residual_rms_norm"
 
@@ -65,7 +66,7 @@ def _residual_rms_norm_kernel(
 
 def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                              weight: Optional[torch.Tensor], eps: float, x_out: torch.Tensor,
-                             h_out: Optional[torch.Tensor]) -> None:
+                             h_out: Optional[torch.Tensor], config: Optional[dict] = None) -> None:
     """Check the inputs, then write x_new into ``x_out`` and, with ``weight``, h into ``h_out``."""
     if (weight is None) != (h_out is None):
         raise ValueError(f"{OP}: pass weight and h_out together, or neither")
@@ -89,9 +90,10 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     g = gamma.contiguous() if gamma is not None else x2  # placeholder pointer, never read
     w = weight.contiguous() if weight is not None else x2
     if x2.shape[0]:
+        launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
         _residual_rms_norm_kernel[(x2.shape[0],)](
             x2, y2, g, w, xo, ho, x2.stride(0), y2.stride(0), xo.stride(0), ho.stride(0), n, eps,
-            HAS_GAMMA=gamma is not None, HAS_NORM=weight is not None, **row_launch(n))
+            HAS_GAMMA=gamma is not None, HAS_NORM=weight is not None, **launch)
 
 
 @torch.library.custom_op("internvit_fast::residual_rms_norm", mutates_args=())

@@ -4,11 +4,14 @@ One program per row; the row is read once and written once.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from .tuning import lookup
 
 OP = "rms_norm"
 
@@ -43,7 +46,8 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                    config: Optional[dict] = None) -> torch.Tensor:
     """Check the inputs, then write RMSNorm(x) * weight into ``out`` (same shape as x)."""
     check_tensors(OP, ("x", x), ("weight", weight), ("out", out))
     if weight.ndim != 1:
@@ -56,8 +60,8 @@ def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
     x2, y2 = as_rows(OP, "x", x, n), as_rows(OP, "out", out, n)
     weight = weight.contiguous()
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, x2.stride(0), y2.stride(0), n, eps,
-                                         **row_launch(n))
+        launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, x2.stride(0), y2.stride(0), n, eps, **launch)
     return out
 
 

@@ -84,11 +84,18 @@ def test_gpu_run_fails_loudly_without_cuda():
     assert p.returncode == 2 and "CUDA is not available" in p.stderr
 
 
-def test_gpu_run_smoke_writes_results_and_plot(tmp_path):
-    p = run("-m", "benchmarks.gpu_run", "--smoke", "--skip-tests", "--out", str(tmp_path))
+def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
+    before = sorted(os.listdir(os.path.join(ROOT, "kernels", "tuned")))
+    p = run("-m", "benchmarks.gpu_run", "--smoke", "--skip-tests", "--tune", "--out", str(tmp_path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (path,) = glob.glob(str(tmp_path / "*.json"))
+    tuned = json.load(open(tmp_path / "tuned-smoke.json"))
+    assert set(tuned["configs"]) == {"rms_norm", "qk_norm", "residual_rms_norm", "gelu_linear"}
+    assert sorted(os.listdir(os.path.join(ROOT, "kernels", "tuned"))) == before  # smoke leaves no table
+    (path,) = [f for f in glob.glob(str(tmp_path / "*.json")) if "tuned-" not in f]
     res = json.load(open(path))
+    assert res["tuning"]["rc"] == 0
+    checks = {c["check"] for c in res["checks"]}
+    assert checks == {"full_size_parity", "profile"}
     assert res["versions"]["torch"] and res["ceilings"]["copy_gbs"] > 0
     kernels = {(k["kernel"], k["impl"]) for k in res["kernels"]}
     assert {("rms_norm", "triton"), ("gelu_linear", "eager"), ("qk_norm", "compiled")} <= kernels
