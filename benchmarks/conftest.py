@@ -15,22 +15,28 @@ def _time_box():
         pytest.skip("not measured: the run's time box (INTERNVIT_BENCH_DEADLINE) was used up")
 
 
-# The run is time-boxed: what answers the project's targets first (every kernel, then
-# the main configuration at batch 4, its full-size parity check and profile), the
-# costly torch.compile modes last.
+# The run is time-boxed: what answers the project's targets first (each kernel against
+# eager torch; the main configuration at batch 4 with its full-size parity check and
+# profile), then the torch.compile comparisons of the kernels, then everything else,
+# the costly torch.compile modes of the whole backbone last.
 _PATH_COST = {"reference": 0, "reference-naive-attn": 0, "fast": 0, "fast-cudagraph": 0,
               "compile-default": 1, "compile-max-autotune": 2}
 _CHECKS = {"test_full_size_parity": 1, "test_profile": 2}
 
 
 def _priority(item):
+    if item.nodeid.startswith("benchmarks/bench_kernels.py::"):
+        return (2,) if item.callspec.params["impl"] == "compiled" else (0,)
     if not item.nodeid.startswith("benchmarks/bench_backbone.py::"):
         return (0,)  # the hook sees the whole session's items: leave everything else in order
     if item.originalname in _CHECKS:
-        return (1, 0, False, False, _CHECKS[item.originalname], 0)
+        return (1, _CHECKS[item.originalname])
     p = item.callspec.params
-    return (1, _PATH_COST[p["path"]], p["config"] not in ("upernet", "small"), p["batch"] != 4, 0, p["batch"])
+    cost, main = _PATH_COST[p["path"]], p["config"] in ("upernet", "small")
+    if main and p["batch"] == 4 and cost < 2:  # the targets' comparison: reference, fast, compile
+        return (1, 0) if cost == 0 else (1, 3)
+    return (3, cost, not main, p["batch"])
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=_priority)  # stable: kernels keep their order
+    items.sort(key=_priority)  # stable: equal keys keep their collected order
