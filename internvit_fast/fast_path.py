@@ -24,6 +24,7 @@ from torch import nn
 
 from . import attention
 from .kernels import gelu_linear, kernels_can_run_on, qk_norm, residual_rms_norm, rms_norm
+from .kernels._common import FLOAT_DTYPES
 
 _warned_cpu = False
 
@@ -38,6 +39,8 @@ def use_kernels(model, x: torch.Tensor) -> bool:
     """
     global _warned_cpu
     if not model.fast:
+        return False
+    if x.dtype not in FLOAT_DTYPES:  # e.g. a model cast to float64: the kernels take 16/32-bit floats
         return False
     if not kernels_can_run_on(x.device):
         if not _warned_cpu:

@@ -73,6 +73,15 @@ def test_fast_with_grad_uses_reference_and_gives_its_gradients(device, monkeypat
         assert torch.equal(a.grad, b.grad), name
 
 
+def test_fast_model_in_float64_runs_reference(device, monkeypatch):
+    naive, fast, _ = _pair(torch.float32, out_indices=[1])
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = fast.double().to(device)(img), naive.double().to(device)(img)
+    assert calls == [] and torch.equal(a[0], b[0])
+
+
 def test_fast_with_active_drop_path_uses_reference(device, monkeypatch):
     _, fast, _ = _pair(torch.float32, drop_path_rate=0.5, out_indices=[3])
     fast.to(device).train()
