@@ -1,6 +1,7 @@
 """What every kernel file shares: the interpreter flag, input checks, the row-norm math."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Optional
 
@@ -45,6 +46,12 @@ def check_tensors(op: str, *named: tuple, dtypes: Iterable[torch.dtype] = FLOAT_
                     "(or CPU tensors with TRITON_INTERPRET=1 set before import)")
         elif t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+
+
+def on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU: Triton launches on the *current* device, which need not
+    be the one a tensor lives on (cuda:1 data with cuda:0 current would fault)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_row_width(op: str, name: str, n: int) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, INTERPRETING, cast, check_tensors
+from ._common import INTERPRET, INTERPRETING, cast, check_tensors, on_device
 from .tuning import lookup
 
 OP = "gelu_linear"
@@ -144,11 +144,12 @@ def gelu_linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         raise ValueError(f"{OP}: K = 0 (empty reduction) is not supported")
     cfg = dict(config or pick_config(a.dtype, a.device, m, n, k))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _gelu_linear_kernel[grid](
-        a, weight, bias if bias is not None else weight, out, m, n, k,
-        a.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
+    with on_device(a):
+        _gelu_linear_kernel[grid](
+            a, weight, bias if bias is not None else weight, out, m, n, k,
+            a.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
     return out
 
 

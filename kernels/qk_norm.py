@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
 from .tuning import lookup
 
 OP = "qk_norm"
@@ -96,8 +96,9 @@ def qk_norm_launch(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight
     wk = k_weight.contiguous() if k_weight is not None else out
     if rows.shape[0]:
         launch = row_launch(c, config or lookup(OP, qkv.device, M=rows.shape[0], N=c, dtype=qkv.dtype))
-        _qk_norm_kernel[(rows.shape[0],)](rows, wq, wk, out, rows.stride(0), rows.shape[0], c, eps,
-                                          NORMALIZE=q_weight is not None, **launch)
+        with on_device(qkv):
+            _qk_norm_kernel[(rows.shape[0],)](rows, wq, wk, out, rows.stride(0), rows.shape[0], c, eps,
+                                              NORMALIZE=q_weight is not None, **launch)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
 from .tuning import lookup
 
 OP = "residual_rms_norm"
@@ -91,9 +91,10 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     w = weight.contiguous() if weight is not None else x2
     if x2.shape[0]:
         launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
-        _residual_rms_norm_kernel[(x2.shape[0],)](
-            x2, y2, g, w, xo, ho, x2.stride(0), y2.stride(0), xo.stride(0), ho.stride(0), n, eps,
-            HAS_GAMMA=gamma is not None, HAS_NORM=weight is not None, **launch)
+        with on_device(x):
+            _residual_rms_norm_kernel[(x2.shape[0],)](
+                x2, y2, g, w, xo, ho, x2.stride(0), y2.stride(0), xo.stride(0), ho.stride(0), n, eps,
+                HAS_GAMMA=gamma is not None, HAS_NORM=weight is not None, **launch)
 
 
 @torch.library.custom_op("internvit_fast::residual_rms_norm", mutates_args=())

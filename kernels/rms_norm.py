@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, rms_scale_row, row_launch
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
 from .tuning import lookup
 
 OP = "rms_norm"
@@ -61,7 +61,8 @@ def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
     weight = weight.contiguous()
     if x2.shape[0]:
         launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, x2.stride(0), y2.stride(0), n, eps, **launch)
+        with on_device(x):
+            _rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, x2.stride(0), y2.stride(0), n, eps, **launch)
     return out
 
 

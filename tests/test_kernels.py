@@ -211,3 +211,25 @@ def test_bad_inputs_raise_before_launch(device):
 def test_kernels_are_torch_custom_ops():
     for name in ("rms_norm", "qk_norm", "residual_rms_norm", "gelu_linear"):
         assert hasattr(torch.ops.internvit_fast, name), name
+
+
+def test_kernels_write_only_inside_their_outputs(device):
+    """Outputs that are windows of larger NaN buffers: everything outside stays NaN."""
+    bf = dict(dtype=torch.bfloat16, device=device)
+    a, w, b = _rand(37, 96, **bf), _rand(200, 96, **bf, scale=0.2), _rand(200, **bf)
+    big = _nan((37, 300), torch.bfloat16, device)
+    gelu_linear_launch(a, w, b, big[:, 50:250])
+    assert not torch.isnan(big[:, 50:250]).any()
+    assert torch.isnan(big[:, :50]).all() and torch.isnan(big[:, 250:]).all()
+
+    x, y, g = _rand(13, 96, **bf), _rand(13, 96, **bf), _rand(96, **bf)
+    xb, hb = _nan((13, 160), torch.bfloat16, device), _nan((13, 160), torch.bfloat16, device)
+    residual_rms_norm_launch(x, y, g, g, 1e-6, xb[:, 32:128], hb[:, 32:128])
+    for buf in (xb, hb):
+        assert not torch.isnan(buf[:, 32:128]).any()
+        assert torch.isnan(buf[:, :32]).all() and torch.isnan(buf[:, 128:]).all()
+
+    qkv = _rand(2, 7, 3 * 96, **bf)
+    qb = _nan((5, 2, 7, 96), torch.bfloat16, device)
+    qk_norm_launch(qkv, g, g, 1e-6, qb[1:4])
+    assert not torch.isnan(qb[1:4]).any() and torch.isnan(qb[0]).all() and torch.isnan(qb[4]).all()
