@@ -10,6 +10,6 @@ if python -c "import mmcv, mmcv.ops" 2>/dev/null && [ "$(python -c 'import mmcv;
   exit 0
 fi
 # mmcv 2.1.0's setup.py imports pkg_resources, which setuptools 80 and later dropped.
-python -m pip install -q 'setuptools<80' wheel
+python -m pip install -q 'setuptools<80' wheel 'numpy<2.3'
 MMCV_WITH_OPS=1 FORCE_CUDA=0 python -m pip install --no-build-isolation mmcv==2.1.0
 python -c "import mmcv.ops" && echo "mmcv $(python -c 'import mmcv; print(mmcv.__version__)') with ops installed"
