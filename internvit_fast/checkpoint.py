@@ -265,7 +265,5 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> Tuple[L
         for k, v in sd.items():
             if k in own:
                 own[k].copy_(v)  # converts dtype; one tensor at a time, from the mapping
-    if hasattr(model, "_pos_cache"):
-        model._pos_cache = {}
     logger.info("%s: loaded %d tensors", path, len(sd) - len(unexpected))
     return missing, unexpected

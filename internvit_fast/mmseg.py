@@ -58,13 +58,6 @@ class InternViT6B(_InternViT6B, BaseModule):
         if cfg:
             super().init_weights()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_vit:  # frozen stays frozen, whatever a runner toggles
-            for p in self.vit_parameters():
-                p.requires_grad_(False)
-        return self
-
 
 @_HEADS.register_module(name="BNHead", force=True)
 class BNHead(BaseDecodeHead):

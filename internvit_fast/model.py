@@ -311,21 +311,22 @@ class InternViT6B(nn.Module):
     def pos_embed_for(self, grid_hw) -> torch.Tensor:
         """The position table for a (h, w) patch grid; resized tables are cached."""
         table = self.pos_embed
-        if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
-            # A cached copy would cut the autograd graph; an inference tensor (a model built
-            # under inference_mode) has no version counter to tell us when it changed.
+        grid_hw = tuple(grid_hw)
+        if grid_hw == (self.img_size // self.patch_size,) * 2:
+            return table  # the model's own grid: the loaded table, unchanged
+        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and table.requires_grad)
+                or table.is_inference()):
+            # Compiled: the graph computes it. Training: a cached copy would cut the autograd
+            # graph. An inference tensor (a model built under inference_mode) has no version
+            # counter to tell when it changed.
             return resize_pos_table(table, grid_hw)
-        key = (tuple(grid_hw), table.data_ptr(), table._version, table.dtype, table.device)
-        hit = self._pos_cache.get(tuple(grid_hw))
+        key = (grid_hw, table.data_ptr(), table._version, table.dtype, table.device)
+        hit = self._pos_cache.get(grid_hw)
         if hit is None or hit[0] != key:
             with torch.no_grad():
                 hit = (key, resize_pos_table(table.detach(), grid_hw))
-            self._pos_cache[tuple(grid_hw)] = hit
+            self._pos_cache[grid_hw] = hit
         return hit[1]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._pos_cache = {}  # .to()/.cuda()/.half() invalidate cached tables
-        return super()._apply(fn, *args, **kwargs)
 
     # --- forward -------------------------------------------------------------------
 

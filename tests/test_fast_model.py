@@ -110,10 +110,12 @@ def test_fast_on_cpu_without_interpreter_warns_once_and_runs_reference(monkeypat
 def test_fast_model_compiles_without_graph_breaks(device):
     _, fast, _ = _pair(torch.bfloat16, out_indices=[1, 3])
     fast.to(device)
-    img = torch.randn(1, 3, 56, 56, device=device)
     torch._dynamo.reset()
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
-    with torch.no_grad():
-        got, want = compiled(img), fast(img)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    for size in [(56, 56), (42, 70)]:  # the model's grid, and a resized position table
+        img = torch.randn(1, 3, *size, device=device)
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                got, want = compiled(img), fast(img)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
