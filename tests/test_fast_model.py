@@ -70,7 +70,8 @@ def test_fast_with_grad_uses_reference_and_gives_its_gradients(device, monkeypat
         sum(o.square().sum() for o in m(img)).backward()
     assert calls == []
     for (name, a), b in zip(naive.named_parameters(), fast.parameters()):
-        assert torch.equal(a.grad, b.grad), name
+        # The same reference ops: equal up to the non-determinism of some CUDA backward kernels.
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fast_model_in_float64_runs_reference(device, monkeypatch):
