@@ -23,13 +23,11 @@ try:  # MMSegmentation 1.x
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
     from mmseg.registry import MODELS as _BACKBONES
     _HEADS = _BACKBONES
-    MMSEG_MAJOR = 1
 except ImportError:  # MMSegmentation 0.x
     from mmcv.runner import BaseModule
     from mmseg.models.builder import BACKBONES as _BACKBONES
     from mmseg.models.builder import HEADS as _HEADS
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
-    MMSEG_MAJOR = 0
 
 
 @_BACKBONES.register_module(name="InternViT6B", force=True)

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
-from .tuning import lookup
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
+from .tuning import row_config
 
 OP = "qk_norm"
 
@@ -95,7 +95,7 @@ def qk_norm_launch(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight
     wq = q_weight.contiguous() if q_weight is not None else out  # placeholder pointer, never read
     wk = k_weight.contiguous() if k_weight is not None else out
     if rows.shape[0]:
-        launch = row_launch(c, config or lookup(OP, qkv.device, M=rows.shape[0], N=c, dtype=qkv.dtype))
+        launch = row_config(OP, qkv, rows.shape[0], c, config)
         with on_device(qkv):
             _qk_norm_kernel[(rows.shape[0],)](rows, wq, wk, out, rows.stride(0), rows.shape[0], c, eps,
                                               NORMALIZE=q_weight is not None, **launch)

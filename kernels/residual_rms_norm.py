@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
-from .tuning import lookup
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
+from .tuning import row_config
 
 OP = "residual_rms_norm"
 
@@ -90,7 +90,7 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     g = gamma.contiguous() if gamma is not None else x2  # placeholder pointer, never read
     w = weight.contiguous() if weight is not None else x2
     if x2.shape[0]:
-        launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
+        launch = row_config(OP, x, x2.shape[0], n, config)
         with on_device(x):
             _residual_rms_norm_kernel[(x2.shape[0],)](
                 x2, y2, g, w, xo, ho, x2.stride(0), y2.stride(0), xo.stride(0), ho.stride(0), n, eps,

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
-from .tuning import lookup
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
+from .tuning import row_config
 
 OP = "rms_norm"
 
@@ -60,7 +60,7 @@ def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
     x2, y2 = as_rows(OP, "x", x, n), as_rows(OP, "out", out, n)
     weight = weight.contiguous()
     if x2.shape[0]:
-        launch = row_launch(n, config or lookup(OP, x.device, M=x2.shape[0], N=n, dtype=x.dtype))
+        launch = row_config(OP, x, x2.shape[0], n, config)
         with on_device(x):
             _rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, x2.stride(0), y2.stride(0), n, eps, **launch)
     return out

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ._common import INTERPRETING
+from ._common import INTERPRETING, row_launch
 
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -69,3 +69,9 @@ def lookup(kernel: str, device: torch.device, **shape) -> Optional[dict]:
         return None
     shape = {k: DTYPE_NAMES.get(v, v) for k, v in shape.items()}
     return _lookup(arch, kernel, tuple(sorted(shape.items())))
+
+
+def row_config(kernel: str, t: torch.Tensor, rows: int, width: int, config: Optional[dict] = None) -> dict:
+    """Launch settings of a one-row-per-program norm kernel: the caller's ``config``, else the
+    measured one for this card and shape, else the heuristic (``row_launch``)."""
+    return row_launch(width, config or lookup(kernel, t.device, M=rows, N=width, dtype=t.dtype))
