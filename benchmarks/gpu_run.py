@@ -79,6 +79,10 @@ def markdown(res: dict) -> str:
                          f"{k.get('gbs', float('nan')):.0f} | {k.get('frac_copy', float('nan')):.0%} | "
                          f"{k.get('tflops', float('nan')):.1f} | {k.get('frac_matmul', float('nan')):.0%} |")
         lines.append("")
+        chosen = sorted({k["chosen"] for k in res["kernels"] if "chosen" in k})
+        if chosen:
+            lines += [f"SDPA backend picked for the fast path's q/k/v layout (attention.py priority): "
+                      f"{', '.join(chosen)}", ""]
     if res["backbone"]:
         lines += ["## Backbone (bf16 inference)", "",
                   "| config | batch | path | ms/batch | images/s | ms/image | TFLOP/s | of matmul | peak GB |",

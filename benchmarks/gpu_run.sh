@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if ! python -c "import internvit_fast.kernels" 2>/dev/null; then
   if ! python -m pip install -q --no-deps --no-build-isolation --no-index -e . ; then
-    # No usable setuptools for an editable build: lay the package out by hand
-    # (kernels/ is installed as internvit_fast.kernels).
+    # No usable setuptools for an editable build: lay the package out by hand (kernels/ is
+    # installed as internvit_fast.kernels). A link, not a copy: the tuner writes its table
+    # into the repository's kernels/tuned/.
     pkg=$(mktemp -d)
     cp -r internvit_fast "$pkg/internvit_fast"
-    cp -r kernels "$pkg/internvit_fast/kernels"
+    ln -s "$PWD/kernels" "$pkg/internvit_fast/kernels"
     export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi

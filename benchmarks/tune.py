@@ -3,11 +3,14 @@
     python -m benchmarks.tune [--out DIR] [--budget-s 150] [--smoke]
     (or: bash benchmarks/gpu_run.sh --tune, which tunes first and then measures with the winners)
 
-For each kernel and row count (1297 x {1, 2, 4, 8}; width 3200; fc1 to 12800), every
-candidate is launched through its ``*_launch`` entry with an explicit configuration,
-checked against the plain-torch reference (a candidate that compiles wrong, or does not
-fit the card, is dropped), and timed; the fastest wins. The winners go to
-``internvit_fast/kernels/tuned/<arch>.json`` (which the launchers read) and a copy to
+For every kernel in the registry and row count (1297 x {4, 1, 2, 8}: the main batch
+first), each of the kernel's candidate configurations is launched into NaN-poisoned
+outputs, checked against the plain-torch reference by the tests' parity rule (a candidate
+that computes wrong, or does not fit the card, is dropped) and timed; the fastest wins.
+A fused op with an unfused alternative (linear.py) then times the two with the winning
+configuration and records which is faster as ``impl``: from then on ``fast=True`` runs
+that one at that shape. The table goes to ``kernels/tuned/<arch>.json`` (the launchers
+read it; in a source checkout that is the repository's kernels/tuned/) and a copy to
 --out. bf16 only: the model's dtype. --smoke: tiny shapes through the interpreter.
 """
 from __future__ import annotations
@@ -22,108 +25,79 @@ import time
 import torch
 
 from benchmarks import harness
-from internvit_fast.kernels import (gelu_linear_launch, gelu_linear_ref, qk_norm_launch, qk_norm_ref,
-                                    residual_rms_norm_launch, residual_rms_norm_ref, rms_norm_launch,
-                                    rms_norm_ref)
-from internvit_fast.kernels import tuning
-
-GEMM_CANDIDATES = {
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M 8 throughout.
-    "sm90": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
-             (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 128, 8, 3)],
-    "sm80": [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (256, 128, 32, 8, 3),
-             (128, 256, 32, 8, 3)],
-    "smoke": [(32, 32, 32, 4, 1), (16, 32, 32, 4, 1)],
-}
-NORM_WARPS = {"smoke": [4, 16]}
-DT = torch.bfloat16
+from internvit_fast.kernels import REGISTRY, tuning
+from internvit_fast.kernels.registry import Shape, float64, run, smoke_shape
 
 
-def _rand(*shape, scale=1.0):
-    return (torch.randn(*shape, device=harness.DEVICE) * scale).to(DT)
-
-
-def _close(out, ref64, torch_same):
-    """The parity rule of the tests: the candidate's error at most twice torch's, plus atol."""
-    err = (out.double() - ref64).abs().max().item()
-    base = (torch_same.double() - ref64).abs().max().item()
-    return bool(torch.isfinite(out).all()) and err <= 2 * base + 1e-3
-
-
-def _cases(m: int, c: int, hid: int):
-    """kernel -> (run(config) -> output, check(output) -> bool) at m rows."""
-    x, y, qkv, a = _rand(m, c, scale=2), _rand(m, c), _rand(m, 3 * c, scale=2), _rand(m, c)
-    w, g = _rand(c) + 1, _rand(c, scale=0.1)
-    fw, fb = _rand(hid, c, scale=c ** -0.5), _rand(hid)
-
-    def norm_run(launch, out_shape, args):
-        def run(cfg):
-            out = torch.full(out_shape, float("nan"), dtype=DT, device=harness.DEVICE)
-            launch(*args, out, config=cfg)
-            return out
-        return run
-
-    def res_run(cfg):
-        xo, ho = (torch.full((m, c), float("nan"), dtype=DT, device=harness.DEVICE) for _ in range(2))
-        residual_rms_norm_launch(x, y, g, w, 1e-6, xo, ho, config=cfg)
-        return ho
-
-    x_new, h_same = residual_rms_norm_ref(x, y, g, w)
-    return {
-        "rms_norm": (norm_run(rms_norm_launch, (m, c), (x, w, 1e-6)),
-                     lambda o: _close(o, rms_norm_ref(x.double(), w.double()), rms_norm_ref(x, w))),
-        "qk_norm": (norm_run(qk_norm_launch, (3, m, c), (qkv, w, w, 1e-6)),
-                    lambda o: _close(o, qk_norm_ref(qkv.double(), w.double(), w.double()), qk_norm_ref(qkv, w, w))),
-        "residual_rms_norm": (res_run, lambda o: _close(o, rms_norm_ref(x_new.double(), w.double()), h_same)),
-        "gelu_linear": (lambda cfg: gelu_linear_launch(a, fw, fb, torch.full((m, hid), float("nan"), dtype=DT,
-                                                                             device=harness.DEVICE), config=cfg),
-                        lambda o: _close(o, gelu_linear_ref(a.double(), fw.double(), fb.double()),
-                                         gelu_linear_ref(a, fw, fb))),
-    }
-
-
-def candidates(kernel: str, arch: str):
-    if kernel == "gelu_linear":
-        rows = GEMM_CANDIDATES.get(arch, GEMM_CANDIDATES["sm80"])
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
-                for bm, bn, bk, nw, ns in rows]
-    return [dict(num_warps=nw) for nw in NORM_WARPS.get(arch, [4, 8, 16])]
+def parity_ok(got: dict, inputs: dict, reference) -> bool:
+    """The tests' rule on every output: error vs float64 at most twice torch's own, plus atol."""
+    same, exact = reference(inputs), reference(float64(inputs))
+    for name, out in got.items():
+        if not torch.isfinite(out).all():
+            return False
+        err = (out.double() - exact[name]).abs().max().item()
+        base = (same[name].double() - exact[name]).abs().max().item()
+        if err > 2 * base + 1e-3:
+            return False
+    return True
 
 
 def tune(out_dir: str, budget_s: float, smoke: bool) -> str:
     start = time.time()
     if smoke:
-        arch, tokens, c, hid, batches, card = "smoke", 17, 96, 384, [1, 2], "cpu-smoke"
+        arch, shapes, card = "smoke", [smoke_shape()], "cpu-smoke"
     else:
-        arch = tuning.arch_of(harness.DEVICE)
-        tokens, c, hid, batches, card = 1297, 3200, 12800, [1, 2, 4, 8], torch.cuda.get_device_name()
+        arch, card = tuning.arch_of(harness.DEVICE), torch.cuda.get_device_name()
+        shapes = [Shape(1297 * b) for b in (4, 1, 2, 8)]
     configs, log = {}, []
+
+    def out_of_time(what):
+        if time.time() - start > budget_s:
+            log.append(f"{what}: time box reached, not tuned")
+            return True
+        return False
+
     with torch.inference_mode():
-        for b in batches:
-            m = tokens * b
-            for kernel, (run, check) in _cases(m, c, hid).items():
+        for shape in shapes:
+            for spec in REGISTRY:
+                if out_of_time(f"{spec.id} M={shape.rows}"):
+                    continue
+                least = spec.traffic(shape, None)[1]
+                sets = harness.rotating(lambda: spec.make_inputs(shape, harness.DEVICE), least)
                 best = None
-                for cfg in candidates(kernel, arch):
-                    if time.time() - start > budget_s:
-                        log.append(f"{kernel} M={m}: time box reached, remaining candidates not tried")
-                        break
+                for cfg in spec.candidates(arch):
                     try:
-                        ok = check(run(cfg))
+                        if not parity_ok(run(spec, sets[0], cfg), sets[0], spec.reference):
+                            log.append(f"{spec.id} M={shape.rows} {cfg}: wrong result, dropped")
+                            continue
+                        outs = [spec.new_outputs(i) for i in sets]
+                        target = harness.replays(lambda i, o, c=cfg: spec.launch(i, o, c), list(zip(sets, outs)))
+                        ms = harness.time_ms(target, rounds=10 if harness.CUDA else 2, warmup_rounds=2)
                     except Exception as e:  # noqa: BLE001 - out of shared memory, compile errors
-                        log.append(f"{kernel} M={m} {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
+                        log.append(f"{spec.id} M={shape.rows} {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
                         continue
-                    if not ok:
-                        log.append(f"{kernel} M={m} {cfg}: wrong result, dropped")
-                        continue
-                    ms = harness.median_ms(lambda i: run(cfg), warmup=2, repeats=10 if harness.CUDA else 2)["ms"]
-                    log.append(f"{kernel} M={m} {cfg}: {ms:.4f} ms")
+                    log.append(f"{spec.id} M={shape.rows} {cfg}: {ms:.4f} ms")
                     if best is None or ms < best[0]:
                         best = (ms, cfg)
-                if best:
-                    shape = {"M": m, "N": hid if kernel == "gelu_linear" else c, "dtype": "bf16"}
-                    if kernel == "gelu_linear":
-                        shape["K"] = c
-                    configs.setdefault(kernel, []).append({"shape": shape, "config": best[1], "ms": best[0]})
+                if best is None:
+                    continue
+                entry = {"shape": spec.tuned_shape(shape), "config": best[1], "ms": {"kernel": best[0]}}
+                if spec.choice:  # fused (with the winner) against the unfused alternative
+                    ref = spec.choice_reference or spec.reference
+                    ms = {}
+                    for impl, fn in (("fused", lambda i, c=best[1]: spec.choice.fused(i, c)),
+                                     ("unfused", spec.choice.unfused)):
+                        if not parity_ok(fn(sets[0]), sets[0], ref):
+                            log.append(f"{spec.id} M={shape.rows} {impl}: wrong result")
+                            continue
+                        ms[impl] = harness.time_ms(harness.replays(fn, [(i,) for i in sets]),
+                                                   rounds=10 if harness.CUDA else 2, warmup_rounds=2)
+                    entry["ms"].update(ms)
+                    entry["impl"] = min(ms, key=ms.get) if ms else "fused"
+                    log.append(f"{spec.id} M={shape.rows}: fused {ms.get('fused', float('nan')):.4f} ms, "
+                               f"unfused ({spec.choice.describe_unfused}) {ms.get('unfused', float('nan')):.4f} ms "
+                               f"-> {entry['impl']}")
+                configs.setdefault(spec.name, []).append(entry)
     result = {"arch": arch, "card": card, "date": datetime.date.today().isoformat(),
               "command": "bash benchmarks/gpu_run.sh --tune" + (" --smoke" if smoke else ""),
               "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},

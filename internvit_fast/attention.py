@@ -1,19 +1,40 @@
 """The attention call itself, shared by the reference and the fast path.
 
 use_flash_attn=True: flash-attn when it is installed and takes the input, else
-torch's scaled_dot_product_attention (fused flash/cuDNN/efficient kernels on
-GPU). use_flash_attn=False: upstream's naive path, softmax materialised in the
-input dtype. Upstream crashes when flash-attn is absent; here it never needs it.
+torch's scaled_dot_product_attention. use_flash_attn=False: upstream's naive path,
+softmax materialised in the input dtype. Upstream crashes when flash-attn is absent;
+here it never needs it.
+
+SDPA backend on Hopper (sm_90): cuDNN attention first, then FlashAttention-2, then
+the others (``SM90_PRIORITY``). Torch's own default order puts flash first and reaches
+cuDNN only when asked (torch 2.13 on the project's machines); cuDNN's Hopper kernels
+are usually the faster ones at head_dim 128. ``sdpa_backend`` names the backend SDPA
+picks for given inputs; the GPU run records it.
+
+Layouts handed over without a copy (read in torch's aten/src/ATen/native/transformers/
+cuda/sdp_utils.cpp): flash and cuDNN need only a unit stride in the last dimension
+(``check_last_dim_stride_equals_1_dense``); the other strides go to the kernels as
+batch/row/head strides. The fast path gives q and k as views of one (2, B, N, C) buffer
+(strides (N*C, D, C, 1) as (B, H, N, D)) and v as a view of the qkv projection (strides
+(N*3C, D, 3C, 1)); cuDNN's older layout check accepted exactly these two forms too
+(unpacked q/k, packed-QKV v).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional: a broken install (wrong CUDA, missing symbols) counts as absent
     from flash_attn import flash_attn_func
 except Exception:  # noqa: BLE001
     flash_attn_func = None
+
+SM90_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+_NAMES = {int(b): b.name.lower() for b in SM90_PRIORITY}
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -32,6 +53,20 @@ def backend_name(q: torch.Tensor, use_flash_attn: bool) -> str:
     return "flash_attn" if flash_attn_takes(q) else "sdpa"
 
 
+def sdpa_priority(q: torch.Tensor):
+    """The context that orders SDPA's backends for ``q``: cuDNN first on sm_90, else torch's."""
+    if (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and not torch.compiler.is_compiling()):  # compiled graphs pick their own kernels
+        return sdpa_kernel(SM90_PRIORITY, set_priority=True)
+    return contextlib.nullcontext()
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str:
+    """The SDPA backend torch picks for these inputs under our priority ("cudnn_attention", ...)."""
+    with sdpa_priority(q):
+        return _NAMES.get(int(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)), "math")
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            use_flash_attn: bool) -> torch.Tensor:
     """softmax(q k^T * scale) v for (B, H, N, D) inputs; returns (B, H, N, D)."""
@@ -41,4 +76,5 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if backend == "flash_attn":  # takes (B, N, H, D): a free transpose of our layout
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    with sdpa_priority(q):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)

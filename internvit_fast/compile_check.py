@@ -1,196 +1,266 @@
-"""Compile gate: build every kernel configuration the fast path can pick, for sm_90 and sm_80.
+"""Compile gate: build every kernel configuration the fast path can launch, for sm_90 and sm_80.
 
-    python -m internvit_fast.compile_check [--arch 90 80]
+    python -m internvit_fast.compile_check [--arch 90 80] [--json]
 
-No GPU is needed: Triton compiles ahead of time for a named target, and the
-wheel's cuobjdump reads registers and stack frame from each cubin. One table per
-target: kernel, configuration, registers, spill (stack/local bytes), shared
-memory, and for GEMMs whether the PTX uses wgmma. Exits 1 when a kernel fails to
-compile, a norm kernel spills, or an sm_90 GEMM lacks wgmma.
+No GPU is needed: Triton compiles ahead of time for a named target, and the wheel's
+cuobjdump and nvdisasm read each cubin. The builds come from the kernel registry
+(``internvit_fast.kernels.REGISTRY``): every kernel states the launches it makes at the
+segmentation shapes (504x504 and 448x448, batch 1 to 8, bf16/fp16/fp32) and those in
+the committed tuned tables. Like Triton's JIT, pointers are taken as 16-byte aligned and
+integers divisible by 16 are marked so (that is what enables vector loads and cp.async/TMA
+pipelining; a spec without it would not be the kernel that runs).
 
-The argument values below are those the fast path passes for InternViT-6B
-(width 3200, MLP 12800) at 504x504 (1297 tokens) and 448x448 (1025 tokens),
-batch 1 to 8. Like Triton's JIT, pointers are taken as 16-byte aligned and
-integers divisible by 16 are marked so: that is what enables vector loads and
-cp.async/TMA pipelining, so a spec without it would not be the kernel that runs.
+Per build: registers, spilled bytes (stack + local), spill instructions inside a GEMM's
+main loop (the innermost loop around its MMA instructions, found in the SASS), shared
+memory, whether the PTX uses wgmma and TMA (cp.async.bulk.tensor), contracted FMAs, and
+global loads issued after the first store. It fails when a kernel does not compile, a
+row kernel spills, a GEMM spills inside its main loop, an sm_90 bf16/fp16 GEMM lacks
+wgmma or (when built for it) TMA, a kernel that promises upstream's rounding points
+contains a contracted fma, or a row kernel that should issue every load first does not.
+The table ends with each kernel's bytes moved at the main shape (504 UPerNet, batch 4,
+bf16) against the least it must move. ``--json`` prints one JSON list instead (a record per
+build and target, then a record per kernel's traffic) and exits non-zero on a failure.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .kernels import tuning
-from .kernels._common import INTERPRETING, row_launch
-from .kernels.gelu_linear import CONFIGS as GEMM_CONFIGS
-from .kernels.gelu_linear import _gelu_linear_kernel
-from .kernels.qk_norm import _qk_norm_kernel
-from .kernels.residual_rms_norm import _residual_rms_norm_kernel
-from .kernels.rms_norm import _rms_norm_kernel
+from .kernels import REGISTRY
+from .kernels._common import INTERPRETING
+from .kernels.registry import CompileSpec, KernelSpec, main_shape
 
-EMBED, HIDDEN = 3200, 12800
-TOKENS = {"504": 1297, "448": 1025}
-BATCHES = range(1, 9)
-DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# Constants a bf16/fp16/fp32 register can hold that make an fma exact single-rounding
+# arithmetic (sm_80 has no bf16 mul or add: LLVM writes a*b as fma(a, b, -0) and a+b as
+# fma(a, 1, b)). Any other fma was contracted from a separate multiply and add.
+_NEG_ZERO = {"0x8000", "0x80008000", "-2147450880", "-32768", "0f80000000"}
+_ONE = {"0x3F80", "0x3f80", "16256", "0x3C00", "0x3c00", "15360", "1065369472", "1006648320",
+        "0x3F803F80", "0x3f803f80", "0x3C003C00", "0x3c003c00", "0f3F800000"}
 
 
-@dataclass
-class Spec:
-    name: str
-    kernel: object
-    args: Dict[str, object]  # runtime args: "*bf16"-style strings for pointers, else values
-    constexprs: Dict[str, object]
-    num_warps: int
-    num_stages: int = 1
-    is_gemm: bool = False
-    shapes: List[str] = field(default_factory=list)
-
-    def source(self) -> ASTSource:
-        sig, attrs = {}, {}
-        for i, name in enumerate(self.kernel.arg_names):
-            if name in self.constexprs:
-                sig[name] = "constexpr"
-                continue
-            v = self.args[name]
-            if isinstance(v, str):
-                sig[name] = v
+def source(spec: CompileSpec) -> ASTSource:
+    sig, attrs = {}, {}
+    for i, name in enumerate(spec.fn.arg_names):
+        if name in spec.constexprs:
+            sig[name] = "constexpr"
+            continue
+        v = spec.args[name]
+        if isinstance(v, str):
+            sig[name] = v
+            if v.startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        return ASTSource(fn=self.kernel, signature=sig, constexprs=self.constexprs, attrs=attrs)
-
-    def key(self):
-        div = tuple(sorted((k, v % 16 == 0) for k, v in self.args.items() if isinstance(v, int)))
-        ptrs = tuple(sorted(v for v in self.args.values() if isinstance(v, str)))
-        return (self.name, ptrs, tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages, div)
-
-
-def kernel_spec(kernel: str, p: str, m: int, n: int, k: int = 0, launch: dict = None, **flags) -> Spec:
-    """One launch as the fast path makes it: pointer type ``p`` ("*bf16"), ``m`` rows of width
-    ``n`` (the GEMM: (m, k) @ (k, n)), launch settings as the launcher picks them, flags."""
-    launch = dict(launch or row_launch(n if kernel != "gelu_linear" else k))
-    warps, stages = launch.pop("num_warps"), launch.pop("num_stages", 1)
-    if kernel == "gelu_linear":
-        return Spec(kernel, _gelu_linear_kernel,
-                    dict(A=p, W=p, BIAS=p, Y=p, M=m, N=n, K=k, stride_am=k, stride_wn=k, stride_ym=n),
-                    dict(launch, HAS_BIAS=True, EVEN_K=k % launch["BLOCK_K"] == 0,
-                         DOT_PRECISION="ieee" if p == "*fp32" else "tf32"), warps, stages, is_gemm=True)
-    if kernel == "rms_norm":
-        args = dict(X=p, W=p, Y=p, stride_x=n, stride_y=n, N=n, eps=1e-6)
-        return Spec(kernel, _rms_norm_kernel, args, launch, warps)
-    if kernel == "qk_norm":
-        args = dict(QKV=p, WQ=p, WK=p, OUT=p, stride_qkv=3 * n, rows=m, C=n, eps=1e-6)
-        return Spec(kernel, _qk_norm_kernel, args, dict(launch, NORMALIZE=True), warps)
-    args = dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, stride_x=n, stride_y=n, stride_xo=n, stride_ho=n,
-                N=n, eps=1e-6)
-    return Spec(kernel, _residual_rms_norm_kernel, args, dict(launch, **flags), warps)
-
-
-def specs_for(arch: int) -> List[Spec]:
-    """Every (kernel, configuration, specialisation) the fast path launches at these shapes."""
-    out: Dict[tuple, Spec] = {}
-
-    def add(spec: Spec, shape: str):
-        out.setdefault(spec.key(), spec).shapes.append(shape)
-
-    for dname, p in DTYPES.items():
-        gemm = GEMM_CONFIGS["fp32" if dname == "fp32" else ("sm90" if arch == 90 else "sm80")]
-        for img, tokens in TOKENS.items():
-            for b in BATCHES:
-                m, shape = tokens * b, f"{dname} {img}px b{b}"
-                add(kernel_spec("rms_norm", p, m, EMBED), shape)
-                add(kernel_spec("qk_norm", p, m, EMBED), shape)
-                for has_gamma in (True, False):
-                    for has_norm in (True, False):
-                        add(kernel_spec("residual_rms_norm", p, m, EMBED, HAS_GAMMA=has_gamma,
-                                        HAS_NORM=has_norm), shape)
-                add(kernel_spec("gelu_linear", p, m, HIDDEN, EMBED, gemm), shape)
-    # Measured winners (kernels/tuned/sm<arch>.json) are configurations the fast path picks too.
-    for kernel, entries in tuning.table(f"sm{arch}").items():
-        for entry in entries:
-            sh = entry["shape"]
-            launch = entry["config"] if kernel == "gelu_linear" else row_launch(sh["N"], entry["config"])
-            flags = dict(HAS_GAMMA=True, HAS_NORM=True) if kernel == "residual_rms_norm" else {}
-            add(kernel_spec(kernel, DTYPES[sh["dtype"]], sh["M"], sh["N"], sh.get("K", 0), launch, **flags),
-                f"tuned {sh}")
-    return list(out.values())
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs)
 
 
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def resource_usage(cubin: bytes) -> Dict[str, int]:
+def read_cubin(cubin: bytes) -> Tuple[Dict[str, int], str]:
+    """(resource usage from cuobjdump, SASS from nvdisasm) of one cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    line = next(ln for ln in text.splitlines() if "REG:" in ln)
-    return {k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)}
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    return {k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)}, sass
 
 
-def check(arch: int, out=sys.stdout) -> List[str]:
-    """Compile every spec for sm_<arch>; print the table; return the failures."""
-    failures = []
-    target = GPUTarget("cuda", arch, 32)
-    print(f"\n== sm_{arch} ==", file=out)
-    print(f"{'kernel':<18} {'configuration':<58} {'regs':>4} {'spill':>5} {'smem':>7} {'wgmma':>5}  shapes",
-          file=out)
-    for spec in specs_for(arch):
-        cfg = ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k != "DOT_PRECISION")
-        cfg += f",w{spec.num_warps},s{spec.num_stages}"
-        try:
-            ck = triton.compile(spec.source(), target=target,
-                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-        except Exception as e:  # noqa: BLE001 - any compiler error is a failure to report
-            failures.append(f"sm_{arch} {spec.name} {cfg}: compile failed: {type(e).__name__}: {e}")
-            print(f"{spec.name:<18} {cfg:<58} COMPILE FAILED", file=out)
+def sass_instructions(sass: str) -> Tuple[List[str], Dict[str, int]]:
+    """The instructions of a SASS listing in order, and each label's index."""
+    labels, insts = {}, []
+    for ln in sass.splitlines():
+        m = re.match(r"^\s*(\.L\w+):", ln)
+        if m:
+            labels[m.group(1)] = len(insts)
             continue
-        use = resource_usage(ck.asm["cubin"])
-        spill = use.get("STACK", 0) + use.get("LOCAL", 0)
-        wgmma = "wgmma.mma_async" in ck.asm["ptx"]
-        shapes = spec.shapes[0] + (f" (+{len(spec.shapes) - 1})" if len(spec.shapes) > 1 else "")
-        print(f"{spec.name:<18} {cfg:<58} {use['REG']:>4} {spill:>5} {ck.metadata.shared:>7} "
-              f"{('yes' if wgmma else 'no') if spec.is_gemm else '-':>5}  {shapes}", file=out)
-        if not spec.is_gemm and spill:
-            failures.append(f"sm_{arch} {spec.name} {cfg}: norm kernel spills ({spill} bytes)")
-        is_fp32 = spec.constexprs.get("DOT_PRECISION") == "ieee"  # fp32 FMA path: no wgmma by design
-        if spec.is_gemm and arch == 90 and not is_fp32 and not wgmma:
-            failures.append(f"sm_90 {spec.name} {cfg}: GEMM does not use wgmma")
-    return failures
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", ln)
+        if m:
+            insts.append(m.group(1))
+    return insts, labels
+
+
+def _opcode(inst: str) -> str:
+    words = inst.split()
+    return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+
+
+def main_loop_spills(sass: str):
+    """Spill instructions (STL/LDL) in the innermost loop around the MMA instructions, and its
+    length; None when no loop holds an MMA. The MMA is HGMMA (wgmma), else HMMA, else FFMA."""
+    insts, labels = sass_instructions(sass)
+    loops = []
+    for i, inst in enumerate(insts):
+        m = re.search(r"\bBRA\s+`?\(?(\.L\w+)", inst)
+        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+            loops.append((labels[m.group(1)], i))
+    ops = [_opcode(x) for x in insts]
+    for marker in ("HGMMA", "HMMA", "FFMA"):
+        at = [i for i, op in enumerate(ops) if op == marker]
+        inside = [(e - s, s, e) for s, e in loops if any(s <= j <= e for j in at)]
+        if inside:
+            _, s, e = min(inside)
+            return sum(ops[j] in ("STL", "LDL") for j in range(s, e + 1)), e - s + 1
+    return None
+
+
+def loads_after_first_store(sass: str) -> int:
+    """Global loads (LDG) issued after the first global store (STG)."""
+    ops = [_opcode(x) for x in sass_instructions(sass)[0]]
+    first = next((i for i, op in enumerate(ops) if op == "STG"), len(ops))
+    return sum(op == "LDG" for op in ops[first:])
+
+
+def contracted_fmas(ptx: str, llir: str) -> int:
+    """fma instructions in the PTX that a multiply and an add were contracted into.
+
+    Not counted: fma with a -0 addend (a multiply) or a multiplicand of 1 (an add), which
+    sm_80 uses for bf16 arithmetic, and as many fmas as the LLVM IR calls explicitly
+    (llvm.fma / llvm.fmuladd: an FMA dot product, libdevice's erf)."""
+    consts = dict(re.findall(r"mov\.(?:b16|b32|f32)\s+(%\w+),\s*([-\w]+)\s*;", ptx))
+    lanes = 0  # counted per value: a bf16x2/f16x2 fma does two
+    for ty, a, b, c in re.findall(
+            r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.(\w+)\s+%\w+,\s*([%\w]+),\s*([%\w]+),\s*([%\w]+)\s*;", ptx):
+        a, b, c = (consts.get(x, x) for x in (a, b, c))
+        if c not in _NEG_ZERO and a not in _ONE and b not in _ONE:
+            lanes += 2 if ty.endswith("x2") else 1
+    explicit = sum(int(n or 1) for n in re.findall(r"call [^\n]*@llvm\.(?:fma|fmuladd)\.(?:v(\d+))?", llir))
+    return max(0, lanes - explicit)
+
+
+def _config(spec: CompileSpec) -> str:
+    skip = {"DOT_PRECISION", "NUM_SMS", "HAS_BIAS", "EVEN_K"}
+    cfg = ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k not in skip)
+    return f"{cfg},w{spec.options['num_warps']},s{spec.options.get('num_stages', 1)}"
+
+
+def build(kernel: KernelSpec, spec: CompileSpec, arch: int) -> dict:
+    """Compile one spec for sm_<arch>; return its record (with the failures it shows)."""
+    rec = dict(kernel=kernel.id, target=f"sm_{arch}", config=_config(spec), launch=spec.label, failures=[])
+    try:
+        ck = triton.compile(source(spec), target=GPUTarget("cuda", arch, 32), options=spec.options)
+    except Exception as e:  # noqa: BLE001 - any compiler error is a failure to report
+        rec["failures"].append(f"compile failed: {type(e).__name__}: {str(e)[:300]}")
+        return rec
+    use, sass = read_cubin(ck.asm["cubin"])
+    ptx = ck.asm["ptx"]
+    rec.update(registers=use["REG"], spills=use.get("STACK", 0) + use.get("LOCAL", 0),
+               shared_bytes=ck.metadata.shared, wgmma="wgmma.mma_async" in ptx,
+               tma="cp.async.bulk.tensor" in ptx,
+               fma_contracted=kernel.promises_rounding and contracted_fmas(ptx, ck.asm["llir"]) > 0)
+    fail = rec["failures"]
+    if spec.mma:
+        loop = main_loop_spills(sass)
+        rec["main_loop_spills"] = loop[0] if loop else None
+        rec["main_loop_instructions"] = loop[1] if loop else None
+        if loop is None:
+            fail.append("no main loop around MMA instructions found in the SASS")
+        elif loop[0]:
+            fail.append(f"{loop[0]} spill instructions inside the main loop")
+        low_precision = spec.constexprs.get("DOT_PRECISION") != "ieee"  # fp32 runs FMA by design
+        if arch >= 90 and low_precision and not rec["wgmma"]:
+            fail.append("sm_90 GEMM does not use wgmma")
+        if spec.constexprs.get("USE_TMA") and not rec["tma"]:
+            fail.append("built for TMA but the PTX has no cp.async.bulk.tensor")
+    elif rec["spills"]:
+        fail.append(f"row kernel spills ({rec['spills']} bytes)")
+    if rec["fma_contracted"]:
+        fail.append("contracted fma in a kernel that promises upstream's rounding points")
+    if kernel.loads_first:
+        rec["loads_after_store"] = loads_after_first_store(sass)
+        if rec["loads_after_store"]:
+            fail.append(f"{rec['loads_after_store']} global loads issued after the first store")
+    return rec
+
+
+def check(arch: int) -> List[dict]:
+    """A record per kernel and distinct build the registry lists for sm_<arch>. Launches
+    that compile to the same binary (proj and fc2, say) are built once."""
+    records, built, seen = [], {}, set()
+    for kernel in REGISTRY:
+        for spec in kernel.compile_specs(arch):
+            key = spec.key()
+            if (kernel.id, key) in seen:
+                continue
+            seen.add((kernel.id, key))
+            if key not in built:
+                built[key] = build(kernel, spec, arch)
+            records.append(dict(built[key], kernel=kernel.id, launch=spec.label))
+    return records
+
+
+def traffic() -> List[dict]:
+    """Each kernel's bytes moved at the main shape against the least it must move."""
+    shape = main_shape()
+    out = []
+    for kernel in REGISTRY:
+        moved, least = kernel.traffic(shape, None)
+        out.append(dict(kernel=kernel.id, shape=shape.label(), bytes_moved=moved, bytes_min=least,
+                        ratio=moved / least))
+    return out
+
+
+def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
+    for target in sorted({r["target"] for r in records}, reverse=True):
+        print(f"\n== {target} ==", file=out)
+        print(f"{'kernel':<22} {'configuration':<76} {'regs':>4} {'spill':>5} {'loop':>4} {'smem':>7} "
+              f"{'wgmma':>5} {'tma':>3} {'fma':>3}  launch", file=out)
+        for r in records:
+            if r["target"] != target:
+                continue
+            if "registers" not in r:
+                print(f"{r['kernel']:<22} {r['config']:<76} COMPILE FAILED  {r['launch']}", file=out)
+                continue
+            loop = r.get("main_loop_spills")
+            print(f"{r['kernel']:<22} {r['config']:<76} {r['registers']:>4} {r['spills']:>5} "
+                  f"{'-' if loop is None else loop:>4} {r['shared_bytes']:>7} {'yes' if r['wgmma'] else 'no':>5} "
+                  f"{'yes' if r['tma'] else 'no':>3} {'yes' if r['fma_contracted'] else 'no':>3}  {r['launch']}",
+                  file=out)
+    print("\n== bytes moved at the main shape (GEMMs: DRAM bytes with the weight read once per row-group) ==",
+          file=out)
+    for t in moved:
+        print(f"{t['kernel']:<22} {t['shape']:<14} {t['bytes_moved'] / 1e6:>9.1f} MB  minimum "
+              f"{t['bytes_min'] / 1e6:>9.1f} MB  x{t['ratio']:.2f}", file=out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90, 80)")
+    ap.add_argument("--json", action="store_true", help="print one JSON list of records instead of tables")
     args = ap.parse_args(argv)
     if INTERPRETING:  # the kernels were built for the interpreter: nothing to compile
         print("compile_check: TRITON_INTERPRET=1 is set; run it without the interpreter", file=sys.stderr)
         return 2
-    failures = []
-    for arch in args.arch:
-        failures += check(arch)
-    if failures:
-        print("\nFAILED:", *failures, sep="\n  ")
-        return 1
-    print("\nall kernels compiled clean")
-    return 0
+    records = [r for arch in args.arch for r in check(arch)]
+    moved = traffic()
+    failures = [f"{r['target']} {r['kernel']} {r['config']} ({r['launch']}): {f}"
+                for r in records for f in r["failures"]]
+    if args.json:
+        print(json.dumps(records + [dict(t, target="traffic") for t in moved], indent=1))
+    else:
+        print_table(records, moved)
+        print("\nFAILED:\n  " + "\n  ".join(failures) if failures else "\nall kernels compiled clean")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from . import attention
+from .kernels import linear_gelu, linear_residual_norm, qk_norm
 
 logger = logging.getLogger("internvit_fast")
 
@@ -94,14 +95,29 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
         self.k_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # columns ordered (q | k | v)
-        q, k = self.q_norm(q), self.k_norm(k)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) q, k, v (any row strides) -> attention output (B, N, C), before proj."""
+        B, N, C = q.shape
         # (B, N, C) -> (B, H, N, D) as views: head-major columns within q, k, v.
         q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = attention.attend(q, k, v, self.scale, self.use_flash_attn)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return out.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[-1]
+        q, k, v = self.qkv(x).split(C, dim=-1)  # columns ordered (q | k | v)
+        return self.proj(self._attend(self.q_norm(q), self.k_norm(k), v))
+
+    def forward_fused(self, h: torch.Tensor) -> torch.Tensor:
+        """forward() up to proj, through the QK-norm kernel: q and k are written once in
+        attention's layout, v is read in place from the projection (a strided view)."""
+        C = h.shape[-1]
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias)  # cuBLAS
+        if self.qk_normalization:
+            q, k = qk_norm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps).unbind(0)
+        else:
+            q, k = qkv[..., :C], qkv[..., C:2 * C]
+        return self._attend(q, k, qkv[..., 2 * C:])
 
 
 class Mlp(nn.Module):
@@ -139,6 +155,24 @@ class Block(nn.Module):
         if self.with_cp and x.requires_grad and torch.is_grad_enabled():
             return cp.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
+
+    def forward_fused(self, x: torch.Tensor, h: torch.Tensor, next_norm: Optional[RMSNorm]):
+        """_forward through the fused kernels, for inference (fast_path.forward_blocks).
+
+        ``x`` is the residual stream and ``h = norm1(x)``, which the previous block's last
+        kernel already computed. Returns the new stream and ``next_norm`` of it (the next
+        block's norm1; an empty tensor when None), so no norm reads the stream twice.
+        """
+        a = self.attn.forward_fused(h)
+        x, h = linear_residual_norm(a, self.attn.proj.weight, self.attn.proj.bias, _gamma(self.ls1), x,
+                                    self.norm2.weight, self.norm2.eps)
+        u = linear_gelu(h, self.mlp.fc1.weight, self.mlp.fc1.bias)
+        nw, eps = (next_norm.weight, next_norm.eps) if next_norm is not None else (None, self.norm2.eps)
+        return linear_residual_norm(u, self.mlp.fc2.weight, self.mlp.fc2.bias, _gamma(self.ls2), x, nw, eps)
+
+
+def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+    return getattr(ls, "gamma", None)  # nn.Identity when init_values is falsy
 
 
 class PatchEmbed(nn.Module):

@@ -3,18 +3,25 @@
 Installed as ``internvit_fast.kernels``. Each op is a torch custom op
 (``torch.ops.internvit_fast.*``), so torch.compile traces through it without a
 graph break; ``*_launch`` writes into a caller's buffer (the tests poison it),
-``*_ref`` is the plain-torch statement of the math.
+``*_ref`` is the plain-torch statement of the math. ``REGISTRY`` lists what each
+kernel file states about itself (registry.KernelSpec); the compile gate, the tuner,
+the benchmarks and the tests loop over it.
 """
+# The modules first: importing an op named like its module (rms_norm) rebinds the name.
+from . import gelu as _gelu, linear as _linear, qk_norm as _qk_norm, rms_norm as _rms_norm
 from ._common import INTERPRETING, kernels_can_run_on
-from .gelu_linear import gelu_linear, gelu_linear_launch, gelu_linear_ref
+from .gelu import gelu_launch, gelu_ref
+from .linear import linear_gelu, linear_launch, linear_ref, linear_residual_norm
 from .qk_norm import qk_norm, qk_norm_launch, qk_norm_ref
-from .residual_rms_norm import residual_rms_norm, residual_rms_norm_launch, residual_rms_norm_ref
-from .rms_norm import rms_norm, rms_norm_launch, rms_norm_ref
+from .rms_norm import residual_rms_norm, residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref
+
+REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _linear.GELU_SPEC,
+            _linear.PROJ_SPEC, _linear.FC2_SPEC]
 
 __all__ = [
-    "INTERPRETING", "kernels_can_run_on",
-    "gelu_linear", "gelu_linear_launch", "gelu_linear_ref",
+    "INTERPRETING", "REGISTRY", "kernels_can_run_on",
+    "gelu_launch", "gelu_ref",
+    "linear_gelu", "linear_launch", "linear_ref", "linear_residual_norm",
     "qk_norm", "qk_norm_launch", "qk_norm_ref",
-    "residual_rms_norm", "residual_rms_norm_launch", "residual_rms_norm_ref",
-    "rms_norm", "rms_norm_launch", "rms_norm_ref",
+    "residual_rms_norm", "residual_rms_norm_launch", "rms_norm", "rms_norm_launch", "rms_norm_ref",
 ]

@@ -19,6 +19,9 @@ INTERPRET = tl.constexpr(INTERPRETING)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widest row a single-pass norm kernel holds in registers.
 MAX_ROW = 16384
+# Persistent kernels run this many programs under the interpreter: more than one tile
+# per program, so the persistent loop itself is what the CPU tests exercise.
+INTERPRETER_SMS = 3
 
 
 def kernels_can_run_on(device: torch.device) -> bool:
@@ -52,6 +55,22 @@ def on_device(t: torch.Tensor):
     """Launch on the tensor's GPU: Triton launches on the *current* device, which need not
     be the one a tensor lives on (cuda:1 data with cuda:0 current would fault)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs of a persistent kernel: one per SM (the interpreter: INTERPRETER_SMS)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D tensors meet the TMA engine's rules: unit column stride, base address
+    and row pitch multiples of 16 bytes (Hopper's cuTensorMapEncodeTiled)."""
+    for t in tensors:
+        if t.ndim != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
 
 
 def check_row_width(op: str, name: str, n: int) -> None:

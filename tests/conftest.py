@@ -16,3 +16,22 @@ def device():
 def _fresh_seed(request):
     # A different draw per test, derived from its name: fresh inputs, reproducible failures.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def tuned_table(tmp_path, monkeypatch):
+    """Install a tuned table (a dict in kernels/tuned/'s format) as this machine's sm90 table."""
+    import json
+
+    from internvit_fast.kernels import tuning
+
+    def install(table: dict) -> None:
+        (tmp_path / "sm90.json").write_text(json.dumps(table))
+        monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+        monkeypatch.setattr(tuning, "arch_of", lambda device: "sm90")
+        tuning.table.cache_clear()
+        tuning._entry.cache_clear()
+
+    yield install
+    tuning.table.cache_clear()
+    tuning._entry.cache_clear()

@@ -6,16 +6,18 @@ Without CUDA the kernels run in Triton's interpreter (conftest.py).
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import assert_parity
-from internvit_fast.kernels import (gelu_linear, gelu_linear_launch, gelu_linear_ref, qk_norm, qk_norm_launch,
-                                    qk_norm_ref, residual_rms_norm, residual_rms_norm_launch,
-                                    residual_rms_norm_ref, rms_norm, rms_norm_launch, rms_norm_ref)
+from internvit_fast.kernels import (REGISTRY, gelu_launch, linear_gelu, linear_launch, linear_ref,
+                                    linear_residual_norm, qk_norm, qk_norm_launch, qk_norm_ref, residual_rms_norm,
+                                    residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref)
+from internvit_fast.kernels import linear, tuning
+from internvit_fast.kernels.registry import Shape, float64, run
 from internvit_fast.model import LayerScale, Mlp, RMSNorm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (rows, width): one row, primes, the 504px token count; 64/96, non-powers of two, 3200.
-NORM_CASES = [(1, 64), (7, 96), (37, 100), (13, 1000), (1297, 96), (31, 3200), (1297, 3200)]
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def _rand(*shape, dtype, device, scale=1.0):
@@ -26,11 +28,6 @@ def _nan(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def _strided(rows, n, dtype, device):
-    """A (rows, n) view whose rows are further apart than n (a slice of a wider buffer)."""
-    return _rand(rows, n + 37, dtype=dtype, device=device, scale=2.0)[:, 5:5 + n]
-
-
 def _rms_module(weight):
     m = RMSNorm(weight.shape[0]).to(weight.device, weight.dtype)
     with torch.no_grad():
@@ -38,26 +35,91 @@ def _rms_module(weight):
     return m
 
 
-# --- RMSNorm ----------------------------------------------------------------------------
+# --- every registered kernel, through what it states about itself ----------------------
 
-# Strided rows at the smaller sizes (the interpreter runs programs one by one).
-RMS_CASES = [(r, n, False) for r, n in NORM_CASES] + [(r, n, True) for r, n in NORM_CASES if r * n <= 100_000]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, n, strided", RMS_CASES)
-def test_rms_norm(device, dtype, rows, n, strided):
-    x = _strided(rows, n, dtype, device) if strided else _rand(rows, n, dtype=dtype, device=device, scale=2.0)
-    w = _rand(n, dtype=dtype, device=device) + 1
-    out = _nan((rows, n), dtype, device)
-    rms_norm_launch(x, w, 1e-6, out)
-    ref64 = rms_norm_ref(x.double(), w.double())
-    with torch.no_grad():
-        naive = _rms_module(w)(x)
-    assert_parity(out, ref64, naive, what=f"rms_norm {dtype} {rows}x{n}")
+# (rows, width, hidden): one row, primes, the 504px token count; widths not powers of two, and
+# 100/200 whose bf16 rows (200 bytes) TMA cannot take: the GEMMs' pointer path.
+SHAPES = [(1, 64, 96), (37, 96, 384), (13, 100, 200), (1297, 96, 160)]
 
 
-def test_rms_norm_op_keeps_leading_dims_and_untouched_padding(device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, hidden", SHAPES)
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.id)
+def test_registered_kernel_matches_reference(device, spec, rows, width, hidden, dtype):
+    inputs = spec.make_inputs(Shape(rows, width, hidden, dtype), device)
+    got = run(spec, inputs)  # outputs start as NaN
+    same, exact = spec.reference(inputs), spec.reference(float64(inputs))
+    assert got.keys() == same.keys()
+    for name in got:
+        assert_parity(got[name], exact[name], same[name], atol=ATOL[dtype], what=f"{spec.id} {name}")
+
+
+@pytest.mark.parametrize("spec", [s for s in REGISTRY if s.choice], ids=lambda s: s.id)
+def test_fused_and_unfused_alternatives_agree(device, spec):
+    inputs = spec.make_inputs(Shape(37, 96, 160, torch.bfloat16), device)
+    ref = (spec.choice_reference or spec.reference)(inputs)
+    exact = (spec.choice_reference or spec.reference)(float64(inputs))
+    for impl in (spec.choice.fused(inputs), spec.choice.unfused(inputs)):
+        assert impl.keys() == ref.keys()
+        for name in impl:
+            assert_parity(impl[name], exact[name], ref[name], atol=1e-3, what=f"{spec.id} {name}")
+
+
+def test_registry_entries_are_custom_ops_and_unique():
+    ids = [s.id for s in REGISTRY]
+    assert len(ids) == len(set(ids))
+    for spec in REGISTRY:
+        assert hasattr(torch.ops.internvit_fast, spec.name) or spec.name == "gelu" or spec.name.startswith("linear_")
+    for name in ("rms_norm", "residual_rms_norm", "qk_norm", "linear_gelu", "linear_residual_norm"):
+        assert hasattr(torch.ops.internvit_fast, name), name
+
+
+# --- RMSNorm and the residual add ---------------------------------------------------------
+
+def test_reference_is_the_module_path(device):
+    """rms_norm_ref is what RMSNorm and LayerScale modules compute, bit for bit, so a wrong
+    reference cannot pass the kernel tests."""
+    for dtype in DTYPES:
+        x, y = _rand(9, 96, dtype=dtype, device=device, scale=3), _rand(9, 96, dtype=dtype, device=device)
+        w, g = _rand(96, dtype=dtype, device=device) + 1, _rand(96, dtype=dtype, device=device, scale=0.3)
+        with torch.no_grad():
+            ls = LayerScale(96, 1.0).to(device, dtype)
+            ls.gamma.copy_(g)
+            x_new = x + ls(y)
+            want = (x_new, _rms_module(w)(x_new))
+            plain = _rms_module(w)(x)
+        got = rms_norm_ref(x, w, 1e-6, residual=y, gamma=g)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(rms_norm_ref(x, w, 1e-6), plain)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, n", [(7, 96), (37, 100), (31, 3200)])
+@pytest.mark.parametrize("gamma, norm, force_fp32", [
+    (True, True, False), (True, True, True), (False, True, False), (True, False, False), (False, False, False)])
+def test_residual_rms_norm_matches_module_path(device, dtype, rows, n, gamma, norm, force_fp32):
+    x = _rand(rows, n, dtype=dtype, device=device, scale=3.0)
+    y = _rand(rows, n, dtype=dtype, device=device)
+    g = _rand(n, dtype=dtype, device=device, scale=0.3) if gamma else None
+    w = _rand(n, dtype=dtype, device=device) + 1 if norm else None
+    x_out = _nan((rows, n), dtype, device)
+    h_out = _nan((rows, n), dtype, device) if norm else None
+    residual_rms_norm_launch(x, y, g, w, 1e-6, x_out, h_out)
+    with torch.no_grad():  # the naive path: LayerScale module, residual add, RMSNorm module
+        ls = LayerScale(n, 1.0, force_fp32).to(device, dtype)
+        if gamma:
+            ls.gamma.copy_(g)
+        x_naive = x + (ls(y) if gamma else y)
+    # Rounding points are upstream's: the residual stream is the same bits in every dtype.
+    assert torch.equal(x_out, x_naive)
+    if norm:
+        with torch.no_grad():
+            h_naive = _rms_module(w)(x_naive)
+        # Judged on the float64 norm of the rounded stream, which both paths normalise.
+        assert_parity(h_out, rms_norm_ref(x_naive.double(), w.double()), h_naive, what="h")
+
+
+def test_rms_norm_strided_rows_leading_dims_and_untouched_padding(device):
     buf = _rand(2, 5, 160, dtype=torch.bfloat16, device=device)
     x = buf[..., :96]  # strided rows inside a 3-D tensor
     w = _rand(96, dtype=torch.bfloat16, device=device)
@@ -69,71 +131,6 @@ def test_rms_norm_op_keeps_leading_dims_and_untouched_padding(device):
     assert torch.isnan(out[..., 96:]).all(), "kernel wrote outside its rows"
 
 
-# --- QK-norm --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, c", [(1, 64), (7, 96), (37, 100), (1297, 96), (13, 3200)])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_qk_norm(device, dtype, rows, c, normalize):
-    B = 1 if rows in (1, 7, 13) else (rows if rows < 100 else 1)
-    qkv = _rand(B, rows // B, 3 * c, dtype=dtype, device=device, scale=2.0)
-    wq, wk = (_rand(c, dtype=dtype, device=device) + 1 for _ in range(2))
-    if not normalize:
-        wq = wk = None
-    out = _nan((3, B, rows // B, c), dtype, device)
-    qk_norm_launch(qkv, wq, wk, 1e-6, out)
-    ref64 = qk_norm_ref(qkv.double(), *(None if w is None else w.double() for w in (wq, wk)))
-    q, k, v = qkv.split(c, dim=-1)
-    with torch.no_grad():  # the naive path: Attention's q_norm/k_norm modules
-        naive = torch.stack([_rms_module(wq)(q), _rms_module(wk)(k), v]) if normalize else torch.stack([q, k, v])
-    assert_parity(out, ref64, naive, what=f"qk_norm {dtype} {rows}x{c}")
-    assert torch.equal(out[2], v), "v must be copied bit for bit"
-
-
-def test_qk_norm_strided_rows_and_attention_layout(device):
-    c, heads = 96, 3
-    qkv = _rand(2, 9, 3 * c + 40, dtype=torch.bfloat16, device=device)[..., 20:20 + 3 * c]
-    wq, wk = _rand(c, dtype=torch.bfloat16, device=device), _rand(c, dtype=torch.bfloat16, device=device)
-    out = qk_norm(qkv, wq, wk, 1e-6)
-    assert out.shape == (3, 2, 9, c) and out.is_contiguous()
-    assert_parity(out, qk_norm_ref(qkv.double(), wq.double(), wk.double()), qk_norm_ref(qkv, wq, wk))
-    q = out[0].view(2, 9, heads, c // heads).transpose(1, 2)  # what attention receives: a view
-    assert q.data_ptr() == out.data_ptr() and q.stride(-1) == 1
-
-
-# --- residual + LayerScale + RMSNorm ----------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, n", [(1, 64), (7, 96), (37, 100), (1297, 96), (31, 3200)])
-@pytest.mark.parametrize("gamma, norm, force_fp32", [
-    (True, True, False), (True, True, True), (False, True, False), (True, False, False), (False, False, False)])
-def test_residual_rms_norm(device, dtype, rows, n, gamma, norm, force_fp32):
-    x = _rand(rows, n, dtype=dtype, device=device, scale=3.0)
-    y = _rand(rows, n, dtype=dtype, device=device)
-    g = _rand(n, dtype=dtype, device=device, scale=0.3) if gamma else None
-    w = _rand(n, dtype=dtype, device=device) + 1 if norm else None
-    x_out = _nan((rows, n), dtype, device)
-    h_out = _nan((rows, n), dtype, device) if norm else None
-    residual_rms_norm_launch(x, y, g, w, 1e-6, x_out, h_out)
-
-    with torch.no_grad():  # the naive path: LayerScale module, residual add, RMSNorm module
-        ls = LayerScale(n, 1.0, force_fp32).to(device, dtype)
-        if gamma:
-            ls.gamma.copy_(g)
-        x_naive = x + (ls(y) if gamma else y)
-        h_naive = _rms_module(w)(x_naive) if norm else None
-    x64, h64 = residual_rms_norm_ref(x.double(), y.double(), None if g is None else g.double(),
-                                     None if w is None else w.double())
-    assert_parity(x_out, x64, x_naive, what="x_new")
-    if dtype != torch.float32:  # rounding points match upstream's: same bits
-        assert torch.equal(x_out, x_naive)
-    if norm:
-        # h is judged against the float64 norm of the *kernel's* x_new (both paths round x_new
-        # first); the naive path's error is measured the same way.
-        h_ref = rms_norm_ref(x_naive.double(), w.double())
-        assert_parity(h_out, h_ref, h_naive, what="h")
-
-
 def test_residual_rms_norm_op_without_norm_returns_empty(device):
     x = _rand(3, 96, dtype=torch.bfloat16, device=device)
     y = _rand(3, 96, dtype=torch.bfloat16, device=device)
@@ -141,38 +138,212 @@ def test_residual_rms_norm_op_without_norm_returns_empty(device):
     assert h.numel() == 0 and torch.equal(x_new, x + y)
 
 
-# --- GELU-MLP GEMM -------------------------------------------------------------------------
+# --- QK-norm --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k, n", [(1, 64, 96), (37, 96, 384), (13, 100, 200), (1297, 96, 384), (5, 3200, 64)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gelu_linear(device, dtype, m, k, n, bias):
-    a = _rand(m, k, dtype=dtype, device=device)
-    w = _rand(n, k, dtype=dtype, device=device, scale=k ** -0.5 * 2)
-    b = _rand(n, dtype=dtype, device=device, scale=0.5) if bias else None
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qk_norm_matches_module_path_and_leaves_v(device, dtype):
+    c = 100
+    qkv = _rand(2, 7, 3 * c, dtype=dtype, device=device, scale=2.0)
+    before = qkv.clone()
+    wq, wk = (_rand(c, dtype=dtype, device=device) + 1 for _ in range(2))
+    out = _nan((2, 2, 7, c), dtype, device)
+    qk_norm_launch(qkv, wq, wk, 1e-6, out)
+    q, k, _ = qkv.split(c, dim=-1)
+    with torch.no_grad():  # the naive path: Attention's q_norm/k_norm modules
+        naive = torch.stack([_rms_module(wq)(q), _rms_module(wk)(k)])
+    assert_parity(out, qk_norm_ref(qkv.double(), wq.double(), wk.double()), naive, what=f"qk_norm {dtype}")
+    assert torch.equal(qkv, before), "qkv (and v in it) must not be written"
+
+
+def test_qk_norm_strided_rows(device):
+    c = 96
+    qkv = _rand(2, 9, 3 * c + 40, dtype=torch.bfloat16, device=device)[..., 20:20 + 3 * c]
+    wq, wk = _rand(c, dtype=torch.bfloat16, device=device), _rand(c, dtype=torch.bfloat16, device=device)
+    out = qk_norm(qkv, wq, wk, 1e-6)
+    assert out.shape == (2, 2, 9, c) and out.is_contiguous()
+    assert_parity(out, qk_norm_ref(qkv.double(), wq.double(), wk.double()), qk_norm_ref(qkv, wq, wk))
+
+
+def test_fused_attention_hands_views_to_attention(device, monkeypatch):
+    """q and k reach attention as views of the qk_norm output, v as a view of the qkv
+    projection: nothing is copied between the kernels and attention."""
+    from internvit_fast import attention
+    from internvit_fast.model import Attention
+    attn = Attention(96, 3, qkv_bias=True, qk_normalization=True, use_flash_attn=True).to(device)
+    h = torch.randn(2, 9, 96, device=device)
+    seen = {}
+    real_linear, real_qk = F.linear, torch.ops.internvit_fast.qk_norm
+
+    def spy_linear(x, w, b=None):
+        out = real_linear(x, w, b)
+        if w is attn.qkv.weight:
+            seen["qkv"] = out
+        return out
+
+    def spy_attend(q, k, v, scale, use_flash):
+        seen.update(q=q, k=k, v=v)
+        return attention.naive_attention(q, k, v, scale)
+
+    monkeypatch.setattr("internvit_fast.model.F.linear", spy_linear)
+    monkeypatch.setattr(attention, "attend", spy_attend)
+    with torch.no_grad():
+        got = attn.forward_fused(h)
+    qkv = seen["qkv"]
+    assert seen["v"].untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert seen["v"].data_ptr() == qkv[..., 192:].data_ptr() and seen["v"].stride(-1) == 1
+    assert seen["q"].untyped_storage().data_ptr() == seen["k"].untyped_storage().data_ptr()
+    assert seen["k"].data_ptr() - seen["q"].data_ptr() == 2 * 9 * 96 * seen["q"].element_size()
+    with torch.no_grad():
+        q, k, v = qkv.split(96, dim=-1)
+        want = attn._attend(attn.q_norm(q), attn.k_norm(k), v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert real_qk is torch.ops.internvit_fast.qk_norm
+
+
+# --- the GEMM: epilogues, TMA and pointer paths, tile order ---------------------------------
+
+def _gemm_inputs(m, k, n, dtype, device, integer=False):
+    if integer:  # small integers: every product and partial sum is exact in fp32, in any order
+        # (up to 16 x 16 x K: sums need more bits than bf16/fp16 hold, so the output rounds)
+        a = torch.randint(-16, 17, (m, k), device=device).to(dtype)
+        w = torch.randint(-16, 17, (n, k), device=device).to(dtype)
+        b = torch.randint(-999, 1000, (n,), device=device).to(dtype)
+    else:
+        a, w = _rand(m, k, dtype=dtype, device=device), _rand(n, k, dtype=dtype, device=device, scale=k ** -0.5 * 2)
+        b = _rand(n, dtype=dtype, device=device, scale=0.5)
+    return a, w, b
+
+
+CONFIG_CASES = {
+    "tma-split": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1),
+    "tma-whole": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=3, EPI_SPLIT=1, num_warps=4, num_stages=1),
+    "pointers": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1,
+                     USE_TMA=False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", ["gelu", "residual", "none"])
+@pytest.mark.parametrize("cfg", list(CONFIG_CASES), ids=str)
+@pytest.mark.parametrize("m, k, n", [(1, 64, 96), (70, 96, 72), (37, 80, 200)])
+def test_linear_epilogues(device, dtype, epilogue, cfg, m, k, n):
+    a, w, b = _gemm_inputs(m, k, n, dtype, device)
+    g = _rand(n, dtype=dtype, device=device, scale=0.3) if epilogue == "residual" else None
+    x = _rand(m, n, dtype=dtype, device=device, scale=3) if epilogue == "residual" else None
     out = _nan((m, n), dtype, device)
-    gelu_linear_launch(a, w, b, out)
+    linear_launch(a, w, b, out, epilogue, gamma=g, residual=x, config=CONFIG_CASES[cfg])
+    exact = linear_ref(a.double(), w.double(), b.double(), epilogue, None if g is None else g.double(),
+                       None if x is None else x.double())
+    assert_parity(out, exact, linear_ref(a, w, b, epilogue, g, x), atol=ATOL[dtype], what=f"{epilogue} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", list(CONFIG_CASES), ids=str)
+@pytest.mark.parametrize("gamma", [True, False])
+def test_linear_residual_epilogue_is_bit_exact(device, dtype, cfg, gamma):
+    """With a GEMM that is exact in fp32 (integer operands), the residual epilogue's stream is
+    nn.Linear + LayerScale + add of the reference path, bit for bit: the same rounding points."""
+    m, k, n = 45, 96, 64
+    a, w, b = _gemm_inputs(m, k, n, dtype, device, integer=True)
+    g = _rand(n, dtype=dtype, device=device, scale=0.3) if gamma else None
+    x = _rand(m, n, dtype=dtype, device=device, scale=50)
+    out = _nan((m, n), dtype, device)
+    linear_launch(a, w, b, out, "residual", gamma=g, residual=x, config=CONFIG_CASES[cfg])
+    with torch.no_grad():  # the module path: nn.Linear (fc2), LayerScale, residual add
+        mlp = Mlp(n, k).to(device, dtype)
+        mlp.fc2.weight.copy_(w)
+        mlp.fc2.bias.copy_(b)
+        h = mlp.fc2(a)
+        if dtype != torch.float32:  # the GEMM's result must round to the dtype, or nothing is tested
+            assert not torch.equal(h.float(), F.linear(a.float(), w.float(), b.float()))
+        if gamma:
+            ls = LayerScale(n, 1.0).to(device, dtype)
+            ls.gamma.copy_(g)
+            h = ls(h)
+        want = x + h
+    assert torch.equal(out, want), (out.double() - want.double()).abs().max()
+
+
+def test_linear_gelu_matches_module_path(device):
+    a, w, b = _gemm_inputs(37, 96, 384, torch.bfloat16, device)
     with torch.no_grad():  # the naive path: Mlp.fc1 then nn.GELU
-        mlp = Mlp(k, n).to(device, dtype)
+        mlp = Mlp(96, 384).to(device, torch.bfloat16)
         mlp.fc1.weight.copy_(w)
-        mlp.fc1.bias.copy_(b) if bias else mlp.fc1.bias.zero_()
+        mlp.fc1.bias.copy_(b)
         naive = mlp.act(mlp.fc1(a))
-    ref64 = gelu_linear_ref(a.double(), w.double(), None if b is None else b.double())
-    assert_parity(out, ref64, naive, atol=1e-4 if dtype == torch.float32 else 1e-3,
-                  what=f"gelu_linear {dtype} {m}x{k}x{n}")
+    got = linear_gelu(a.view(1, 37, 96), w, b)
+    assert got.shape == (1, 37, 384)
+    assert_parity(got[0], linear_ref(a.double(), w.double(), b.double(), "gelu"), naive, atol=1e-3)
 
 
-def test_gelu_linear_strided_rows_and_leading_dims(device):
-    a = _rand(2, 7, 160, dtype=torch.bfloat16, device=device)[..., 10:106]
-    w = _rand(200, 96, dtype=torch.bfloat16, device=device, scale=0.2)
-    b = _rand(200, dtype=torch.bfloat16, device=device)
-    y = gelu_linear(a, w, b)
-    assert y.shape == (2, 7, 200)
-    assert_parity(y, gelu_linear_ref(a.double(), w.double(), b.double()), gelu_linear_ref(a, w, b), atol=1e-3)
-    a2 = _rand(9, 160, dtype=torch.bfloat16, device=device)[:, :96]  # 2-D strided rows, launched directly
-    out = _nan((9, 200), torch.bfloat16, device)
-    gelu_linear_launch(a2, w, b, out)
-    assert_parity(out, gelu_linear_ref(a2.double(), w.double(), b.double()), gelu_linear_ref(a2, w, b), atol=1e-3)
+def test_tile_order_covers_every_tile_once_in_balanced_groups(device):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def coords(OUT, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        t = tl.program_id(0)
+        pm, pn = linear._tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
+        tl.store(OUT + 2 * t, pm)
+        tl.store(OUT + 2 * t + 1, pn)
+
+    for num_pid_m, num_pid_n, group in [(41, 5, 8), (8, 3, 8), (1, 4, 8), (10, 2, 3), (9, 2, 4), (17, 3, 8)]:
+        out = torch.full((num_pid_m * num_pid_n, 2), -1, dtype=torch.int32, device=device)
+        coords[(num_pid_m * num_pid_n,)](out, num_pid_m, num_pid_n, GROUP_M=group)
+        pairs = [tuple(p) for p in out.tolist()]
+        assert sorted(pairs) == [(i, j) for i in range(num_pid_m) for j in range(num_pid_n)]
+        # Walk the order group by group: a group's tiles cover its rows x every column,
+        # rows varying fastest; groups differ in size by at most one and hold <= GROUP_M rows.
+        sizes, t, first = [], 0, 0
+        while t < len(pairs):
+            size = 1
+            while t + size < len(pairs) and pairs[t + size][1] == pairs[t][1] and pairs[t + size][0] == first + size:
+                size += 1
+            chunk = pairs[t:t + size * num_pid_n]
+            assert chunk == [(first + i % size, i // size) for i in range(size * num_pid_n)], (num_pid_m, group)
+            sizes.append(size)
+            t, first = t + size * num_pid_n, first + size
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= group, (num_pid_m, group, sizes)
+        assert len(sizes) == -(-num_pid_m // group)
+
+
+def test_gelu_kernel_in_place(device):
+    x = _rand(7, 300, dtype=torch.bfloat16, device=device, scale=3)
+    want = F.gelu(x)
+    exact = F.gelu(x.double())
+    assert gelu_launch(x, x) is x
+    assert_parity(x, exact, want, what="in place")
+
+
+# --- fused or unfused: the tuned table's choice ------------------------------------------------
+
+@pytest.fixture
+def unfused_table(tuned_table):
+    """A tuned table that says the unfused alternatives won, on a card called sm90."""
+    tuned_table({"configs": {name: [{"shape": {"M": 9, "N": n, "K": k, "dtype": "bf16"}, "impl": "unfused"}]
+                             for name, n, k in (("linear_gelu", 384, 96), ("linear_residual", 96, 384))}})
+
+
+def test_choice_runs_the_alternative_the_table_names(device, monkeypatch, unfused_table):
+    calls = []
+    for name in ("gelu_fused", "gelu_unfused", "residual_fused", "residual_unfused"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    bf = dict(dtype=torch.bfloat16, device=device)
+    h, w1, b1 = _rand(9, 96, **bf), _rand(384, 96, **bf, scale=0.1), _rand(384, **bf)
+    u = linear_gelu(h, w1, b1)
+    w2, b2, g, x, nw = _rand(96, 384, **bf, scale=0.05), _rand(96, **bf), _rand(96, **bf), _rand(9, 96, **bf), \
+        _rand(96, **bf)
+    x_new, h2 = linear_residual_norm(u, w2, b2, g, x, nw, 1e-6)
+    linear_gelu(_rand(9, 64, **bf), _rand(384, 64, **bf), None)  # K=64 is not in the table: fused
+    assert calls == ["gelu_unfused", "residual_unfused", "gelu_fused"]
+    want_x, want_h = rms_norm_ref(x, nw, 1e-6, residual=F.linear(u, w2, b2), gamma=g)
+    assert torch.equal(x_new, want_x) and torch.equal(h2, want_h)
+    assert_parity(u, linear_ref(h.double(), w1.double(), b1.double(), "gelu"), linear_ref(h, w1, b1, "gelu"))
+
+
+def test_choice_defaults_to_fused():
+    assert tuning.choice("linear_gelu", torch.device("cpu"), M=5188, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
 
 
 # --- bad input: clear errors before any launch ----------------------------------------------
@@ -191,36 +362,39 @@ def test_bad_inputs_raise_before_launch(device):
     with pytest.raises(ValueError, match="rows are 20000 wide"):
         rms_norm(_rand(1, 20000, **bf), _rand(20000, **bf))
     with pytest.raises(ValueError, match="not 3 \\* C"):
-        qk_norm(_rand(2, 95, **bf), None, None)
+        qk_norm(_rand(2, 95, **bf), w, w)
     with pytest.raises(ValueError, match="q_weight must have shape"):
         qk_norm(_rand(2, 3 * 96, **bf), w[:10], w[:10])
-    with pytest.raises(ValueError, match="both q_weight and k_weight"):
-        qk_norm(_rand(2, 3 * 96, **bf), w, None)
     with pytest.raises(ValueError, match="y is \\(4, 95\\)"):
         residual_rms_norm(x, _rand(4, 95, **bf), None, w)
     with pytest.raises(ValueError, match="gamma must have shape"):
         residual_rms_norm(x, x, w[:3], w)
+    out = _nan((4, 8), torch.bfloat16, device)
     with pytest.raises(ValueError, match="a must be 2-D \\(M, 96\\)"):
-        gelu_linear_launch(_rand(4, 95, **bf), _rand(8, 96, **bf), None, _nan((4, 8), torch.bfloat16, device))
+        linear_launch(_rand(4, 95, **bf), _rand(8, 96, **bf), None, out)
     with pytest.raises(ValueError, match="weight dtype torch.float32 differs"):
-        gelu_linear(x, _rand(8, 96, dtype=torch.float32, device=device), None)
+        linear_gelu(x, _rand(8, 96, dtype=torch.float32, device=device), None)
     with pytest.raises(ValueError, match="bias must have shape"):
-        gelu_linear(x, _rand(8, 96, **bf), _rand(7, **bf))
-
-
-def test_kernels_are_torch_custom_ops():
-    for name in ("rms_norm", "qk_norm", "residual_rms_norm", "gelu_linear"):
-        assert hasattr(torch.ops.internvit_fast, name), name
+        linear_gelu(x, _rand(8, 96, **bf), _rand(7, **bf))
+    with pytest.raises(ValueError, match="needs the residual stream"):
+        linear_launch(x, _rand(8, 96, **bf), None, out, "residual")
+    with pytest.raises(ValueError, match="residual must have shape \\(4, 8\\)"):
+        linear_launch(x, _rand(8, 96, **bf), None, out, "residual", residual=_rand(4, 9, **bf))
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        linear_launch(x, _rand(8, 96, **bf), None, out, "relu")
+    with pytest.raises(ValueError, match="gelu: out must be"):
+        gelu_launch(x, _rand(4, 95, **bf))
 
 
 def test_kernels_write_only_inside_their_outputs(device):
     """Outputs that are windows of larger NaN buffers: everything outside stays NaN."""
     bf = dict(dtype=torch.bfloat16, device=device)
     a, w, b = _rand(37, 96, **bf), _rand(200, 96, **bf, scale=0.2), _rand(200, **bf)
-    big = _nan((37, 300), torch.bfloat16, device)
-    gelu_linear_launch(a, w, b, big[:, 50:250])
-    assert not torch.isnan(big[:, 50:250]).any()
-    assert torch.isnan(big[:, :50]).all() and torch.isnan(big[:, 250:]).all()
+    for cfg in CONFIG_CASES.values():
+        big = _nan((37, 300), torch.bfloat16, device)
+        linear_launch(a, w, b, big[:, 48:248], "gelu", config=cfg)  # 96-byte offset: TMA-aligned
+        assert not torch.isnan(big[:, 48:248]).any()
+        assert torch.isnan(big[:, :48]).all() and torch.isnan(big[:, 248:]).all()
 
     x, y, g = _rand(13, 96, **bf), _rand(13, 96, **bf), _rand(96, **bf)
     xb, hb = _nan((13, 160), torch.bfloat16, device), _nan((13, 160), torch.bfloat16, device)
@@ -230,6 +404,6 @@ def test_kernels_write_only_inside_their_outputs(device):
         assert torch.isnan(buf[:, :32]).all() and torch.isnan(buf[:, 128:]).all()
 
     qkv = _rand(2, 7, 3 * 96, **bf)
-    qb = _nan((5, 2, 7, 96), torch.bfloat16, device)
-    qk_norm_launch(qkv, g, g, 1e-6, qb[1:4])
-    assert not torch.isnan(qb[1:4]).any() and torch.isnan(qb[0]).all() and torch.isnan(qb[4]).all()
+    qb = _nan((4, 2, 7, 96), torch.bfloat16, device)
+    qk_norm_launch(qkv, g, g, 1e-6, qb[1:3])
+    assert not torch.isnan(qb[1:3]).any() and torch.isnan(qb[0]).all() and torch.isnan(qb[3]).all()

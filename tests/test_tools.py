@@ -39,37 +39,77 @@ NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
 
 
 def test_compile_gate_passes_for_sm90_and_sm80():
-    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "80", env=NO_INTERP)
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = p.stdout
-    assert "== sm_90 ==" in out and "== sm_80 ==" in out and "all kernels compiled clean" in out
-    gemm90 = [ln for ln in out.split("== sm_80 ==")[0].splitlines()
-              if ln.startswith("gelu_linear") and "fp32" not in ln]
-    assert gemm90 and all(" yes " in ln for ln in gemm90), "sm_90 bf16/fp16 GEMMs must use wgmma"
-    for name in ("rms_norm", "qk_norm", "residual_rms_norm"):
-        assert name in out
+    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "80", "--json", env=NO_INTERP)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    records = json.loads(p.stdout)
+    builds = [r for r in records if r["target"] in ("sm_90", "sm_80")]
+    for key in ("kernel", "target", "registers", "spills", "shared_bytes", "wgmma", "tma", "fma_contracted"):
+        assert all(key in r for r in builds), key
+    from internvit_fast.kernels import REGISTRY
+    assert {r["kernel"] for r in builds} == {s.id for s in REGISTRY}
+    gemm90 = [r for r in builds if r["target"] == "sm_90" and r["kernel"].startswith("linear")
+              and "USE_TMA=True" in r["config"]]
+    assert gemm90 and all(r["wgmma"] and r["tma"] and r["main_loop_spills"] == 0 for r in gemm90)
+    assert not any(r["fma_contracted"] for r in builds)
+    moved = {r["kernel"]: r for r in records if r["target"] == "traffic"}
+    assert moved["qk_norm"]["bytes_moved"] == moved["qk_norm"]["bytes_min"]  # v is not copied
 
 
-def test_compile_gate_fails_on_a_spilling_norm_and_a_gemm_without_wgmma():
-    script = """if True:
-        import sys
-        import internvit_fast.compile_check as cc
-        real = cc.specs_for
-        cc.specs_for = lambda arch: [s for s in real(arch) if s.name in ("rms_norm", "gelu_linear")][:2]
-        cc.resource_usage = lambda cubin: {"REG": 255, "STACK": 64, "LOCAL": 0}
+GATE_SCRIPT = """if True:
+    import sys
+    import internvit_fast.compile_check as cc
+    from internvit_fast.kernels import REGISTRY
+    want = sys.argv[1]
+    specs = {s.id: s for s in REGISTRY}
+    cc.REGISTRY = [specs["rms_norm"], specs["linear_residual[proj]"]]
+    for s in cc.REGISTRY:  # one bf16 build each
+        real = s.compile_specs
+        s.compile_specs = lambda arch, real=real: [c for c in real(arch) if "bf16" in c.label][:1]
+    if want == "spill":
+        real_read = cc.read_cubin
+        def spilled(cubin):
+            use, sass = real_read(cubin)
+            return dict(use, STACK=64), sass
+        cc.read_cubin = spilled
+    if want == "loop-spill":
+        real_loop = cc.main_loop_spills
+        cc.main_loop_spills = lambda sass: (3, real_loop(sass)[1])
+    if want == "no-wgmma":
         import triton
         real_compile = triton.compile
         def no_wgmma(*a, **k):
             ck = real_compile(*a, **k)
-            ck.asm["ptx"] = ck.asm["ptx"].replace("wgmma", "xxxxx")
+            ck.asm["ptx"] = ck.asm["ptx"].replace("wgmma", "xxxxx").replace("cp.async.bulk.tensor", "nothing")
             return ck
         cc.triton.compile = no_wgmma
-        sys.exit(cc.main(["--arch", "90"]))
-    """
-    p = run("-c", script, env=NO_INTERP)
+    if want == "fma":
+        for s in cc.REGISTRY:
+            real = s.compile_specs
+            def fused(arch, real=real):
+                out = real(arch)
+                for c in out:
+                    c.options = dict(c.options, enable_fp_fusion=True)
+                return out
+            s.compile_specs = fused
+    if want == "late-load":
+        cc.loads_after_first_store = lambda sass: 2
+    sys.exit(cc.main(["--arch", "90"]))
+"""
+
+
+@pytest.mark.parametrize("mutation, message", [
+    ("spill", "row kernel spills (64 bytes)"),
+    ("loop-spill", "3 spill instructions inside the main loop"),
+    ("no-wgmma", "sm_90 GEMM does not use wgmma"),
+    ("fma", "contracted fma in a kernel that promises"),
+    ("late-load", "2 global loads issued after the first store"),
+])
+def test_compile_gate_fails_on_each_defect(mutation, message):
+    p = run("-c", GATE_SCRIPT, mutation, env=NO_INTERP)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "rms_norm" in p.stdout and "norm kernel spills (64 bytes)" in p.stdout
-    assert "GEMM does not use wgmma" in p.stdout
+    assert message in p.stdout, p.stdout[-3000:]
+    if mutation == "no-wgmma":
+        assert "built for TMA but the PTX has no cp.async.bulk.tensor" in p.stdout
 
 
 def test_compile_gate_refuses_interpreted_kernels():
@@ -89,7 +129,11 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     p = run("-m", "benchmarks.gpu_run", "--smoke", "--skip-tests", "--tune", "--out", str(tmp_path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     tuned = json.load(open(tmp_path / "tuned-smoke.json"))
-    assert set(tuned["configs"]) == {"rms_norm", "qk_norm", "residual_rms_norm", "gelu_linear"}
+    from internvit_fast.kernels import REGISTRY
+    assert set(tuned["configs"]) == {s.name for s in REGISTRY}
+    gemm = tuned["configs"]["linear_residual"]
+    assert len(gemm) == 2 and all(e["impl"] in ("fused", "unfused") and {"fused", "unfused"} <= set(e["ms"])
+                                  for e in gemm)  # proj and fc2, each timed against its alternative
     assert sorted(os.listdir(os.path.join(ROOT, "kernels", "tuned"))) == before  # smoke leaves no table
     (path,) = [f for f in glob.glob(str(tmp_path / "*.json")) if "tuned-" not in f]
     res = json.load(open(path))
@@ -98,10 +142,28 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert checks == {"full_size_parity", "profile"}
     assert res["versions"]["torch"] and res["ceilings"]["copy_gbs"] > 0
     kernels = {(k["kernel"], k["impl"]) for k in res["kernels"]}
-    assert {("rms_norm", "triton"), ("gelu_linear", "eager"), ("qk_norm", "compiled")} <= kernels
+    assert {("rms_norm", "triton"), ("linear_gelu", "eager"), ("qk_norm", "compiled"),
+            ("linear_residual[fc2]", "unfused"), ("linear_gelu", "fused"), ("attention", "priority")} <= kernels
     paths = {r["path"] for r in res["backbone"]}
-    assert {"reference", "fast", "compile-default", "compile-max-autotune"} <= paths
+    assert {"reference", "fast", "compile-default", "compile-fast", "compile-max-autotune"} <= paths
     assert os.path.exists(path[:-5] + ".md")
     p = run("-m", "benchmarks.plot", path, "-o", str(tmp_path / "chart.png"))
     assert p.returncode == 0, p.stderr
     assert open(tmp_path / "chart.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_run_fallback_layout_writes_tuned_tables_into_the_repository(tmp_path):
+    """gpu_run.sh without setuptools lays the package out by hand; the tuner's table must
+    still land in the repository's kernels/tuned/, not in the temporary copy."""
+    import shutil
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "internvit_fast"), pkg / "internvit_fast")
+    os.symlink(os.path.join(ROOT, "kernels"), pkg / "internvit_fast" / "kernels")  # as gpu_run.sh does
+    p = subprocess.run([sys.executable, "-c", "import internvit_fast, internvit_fast.kernels.tuning as t; "
+                        "print(internvit_fast.__file__); print(t.TUNED_DIR)"], cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(pkg)), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    where, tuned = p.stdout.split()
+    assert where.startswith(str(pkg))
+    assert os.path.samefile(tuned, os.path.join(ROOT, "kernels", "tuned")) and not tuned.startswith(str(pkg))
+    assert 'ln -s "$PWD/kernels"' in open(os.path.join(ROOT, "benchmarks", "gpu_run.sh")).read()

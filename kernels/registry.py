@@ -1,0 +1,157 @@
+"""What each kernel file states about itself, in one shape, so the tools can loop over them.
+
+Every kernel module defines ``SPEC = KernelSpec(...)`` (some define two: one kernel
+launched two ways). ``internvit_fast.kernels.REGISTRY`` lists them; the compile gate,
+the tuner, the kernel benchmarks and the tests iterate over it instead of naming
+kernels as strings.
+
+A ``Shape`` is one launch of the fast path: ``rows`` tokens (1297 x batch at 504x504),
+the model width, the MLP width, the activation dtype. A kernel's inputs, outputs and
+byte counts are functions of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+EMBED, HIDDEN = 3200, 12800
+TOKENS_504, TOKENS_448 = 1297, 1025
+BATCHES = (1, 2, 4, 8)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    width: int = EMBED
+    hidden: int = HIDDEN
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def el(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    def label(self) -> str:
+        return f"{DTYPE_NAMES[self.dtype]} M={self.rows}"
+
+
+def segmentation_shapes(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[Shape]:
+    """The launches of the fast path at 504x504 and 448x448, batch 1 to 8."""
+    return [Shape(t * b, dtype=dt) for dt in dtypes for t in (TOKENS_504, TOKENS_448) for b in range(1, 9)]
+
+
+def main_shape() -> Shape:
+    """UPerNet at 504x504, batch 4, bf16: the shape the project's targets are stated at."""
+    return Shape(TOKENS_504 * 4)
+
+
+def smoke_shape() -> Shape:
+    """A tiny stand-in (17 tokens, width 96, MLP 384) for CPU runs through the interpreter."""
+    return Shape(17, 96, 384)
+
+
+@dataclass
+class CompileSpec:
+    """One ahead-of-time build: the kernel, its runtime arguments, constexprs and options.
+
+    ``args`` values: a pointer type string ("*bf16"), a tensor descriptor type
+    ("tensordesc<bf16[128, 64]>"), an int (marked divisible by 16 when it is, as Triton's
+    JIT does) or a float.
+    """
+    kernel: str
+    fn: object
+    args: Dict[str, object]
+    constexprs: Dict[str, object]
+    options: Dict[str, object]
+    label: str
+    mma: bool = False  # a GEMM: sm_90 builds must use wgmma
+
+    def key(self) -> tuple:
+        div = tuple(sorted((k, v % 16 == 0) for k, v in self.args.items() if isinstance(v, int)))
+        types = tuple(sorted((k, v) for k, v in self.args.items() if isinstance(v, str)))
+        return (self.kernel, types, tuple(sorted(self.constexprs.items())), tuple(sorted(self.options.items())), div)
+
+
+@dataclass
+class Choice:
+    """A fused op and its unfused alternative, which the tuner times against each other.
+
+    Both take the inputs dict and return the outputs the op is judged by.
+    ``fused(inputs, config)`` runs with an explicit launch configuration.
+    """
+    fused: Callable[[dict, Optional[dict]], Dict[str, torch.Tensor]]
+    unfused: Callable[[dict], Dict[str, torch.Tensor]]
+    describe_unfused: str
+
+
+@dataclass
+class KernelSpec:
+    name: str  # the custom op torch.ops.internvit_fast.<name> and the tuned-table key
+    math: str  # one line: what it computes
+    promises_rounding: bool  # rounds where upstream's eager ops round: built without FMA contraction
+    make_inputs: Callable[[Shape, torch.device], dict]
+    new_outputs: Callable[[dict], Dict[str, torch.Tensor]]  # NaN-poisoned buffers
+    launch: Callable[[dict, dict, Optional[dict]], None]  # inputs, outputs, explicit config or None
+    reference: Callable[[dict], Dict[str, torch.Tensor]]  # plain torch, in the inputs' dtype
+    eager: Callable[[dict], object]  # the eager torch ops it replaces (what a benchmark times)
+    compile_specs: Callable[[int], List[CompileSpec]]  # every build the fast path can launch, per arch
+    candidates: Callable[[str], List[dict]]  # launch configurations the tuner tries, per arch
+    tuned_shape: Callable[[Shape], dict]  # the tuned table's key for a shape
+    traffic: Callable[[Shape, Optional[dict]], Tuple[int, int]]  # (bytes the kernel moves, minimum)
+    flops: Callable[[Shape], int] = lambda shape: 0
+    choice: Optional[Choice] = None
+    choice_reference: Optional[Callable[[dict], Dict[str, torch.Tensor]]] = None  # default: reference
+    loads_first: bool = False  # a row kernel that issues every global load before its first store
+    variant: str = ""  # one kernel launched at two layers' shapes (proj, fc2) has two specs
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
+
+
+def row_specs(name: str, fn, flags: dict, args_for: Callable[[Shape], dict], options: dict
+              ) -> Callable[[int], List[CompileSpec]]:
+    """The builds of a one-row-per-program kernel: the heuristic launch (_common.row_launch)
+    at every segmentation shape, and each configuration the tuned table lists for the arch."""
+    from ._common import row_launch
+    from .tuning import table
+
+    def spec(shape: Shape, launch: dict, prefix: str) -> CompileSpec:
+        launch = dict(launch)
+        warps = launch.pop("num_warps")
+        return CompileSpec(name, fn, args_for(shape), dict(launch, **flags),
+                           dict(num_warps=warps, num_stages=1, **options), prefix + shape.label())
+
+    def specs(arch: int) -> List[CompileSpec]:
+        out = [spec(s, row_launch(s.width), "") for s in segmentation_shapes()]
+        names = {v: k for k, v in DTYPE_NAMES.items()}
+        for entry in table(f"sm{arch}").get(name, []):
+            sh = Shape(entry["shape"]["M"], entry["shape"]["N"], dtype=names[entry["shape"]["dtype"]])
+            out.append(spec(sh, row_launch(sh.width, entry["config"]), "tuned "))
+        return out
+    return specs
+
+
+def run(spec: KernelSpec, inputs: dict, config: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """Launch ``spec`` on fresh NaN-poisoned outputs; return them."""
+    outs = spec.new_outputs(inputs)
+    spec.launch(inputs, outs, config)
+    return outs
+
+
+def float64(inputs: dict) -> dict:
+    """The inputs in float64 (for a reference without rounding); non-tensors unchanged."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+def nan_like(t: torch.Tensor, shape=None) -> torch.Tensor:
+    return torch.full(tuple(shape if shape is not None else t.shape), float("nan"), dtype=t.dtype,
+                      device=t.device)
+
+
+def rand(shape, dtype, device, scale=1.0, offset=0.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=device) * scale + offset).to(dtype)
