@@ -172,7 +172,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row-tiles per group (see _tile_coords)
     EPI_SPLIT: tl.constexpr,  # 1 or 2 column sub-tiles in the epilogue
-    NUM_SMS: tl.constexpr,  # programs in the grid: each loops over tiles NUM_SMS apart
+    NUM_SMS: tl.constexpr,  # the card's SMs: program p runs tiles p, p + NUM_SMS, ... (grid <= NUM_SMS)
     EPILOGUE: tl.constexpr,  # 0 none, 1 GELU, 2 residual
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -332,14 +332,17 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         tensors = (ad, wd, xd, yd)
     else:
         tensors = (a, weight, residual if residual is not None else out, out)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    programs = min(num_sms(a.device), tiles)
+    # One program per SM, striding over the tiles by the SM count; with fewer tiles than SMs
+    # each program gets one tile. (NUM_SMS is the card's count, not the grid's, so every
+    # shape shares one build.)
+    sms = num_sms(a.device)
+    programs = min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]))
     placeholder = weight  # pointer for an absent bias/gamma; its constexpr flag keeps it unread
     with on_device(a):
         _linear_kernel[(programs,)](
             *tensors, bias if bias is not None else placeholder, gamma if gamma is not None else placeholder,
             m, n, k, a.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0,
-            out.stride(0), NUM_SMS=programs, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None,
+            out.stride(0), NUM_SMS=sms, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None,
             HAS_GAMMA=gamma is not None, USE_TMA=use_tma, EVEN_K=k % cfg["BLOCK_K"] == 0,
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             # The residual epilogue promises rounding points: no FMA contraction there.
