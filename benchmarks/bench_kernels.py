@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from internvit_fast import attention
 from internvit_fast.kernels import REGISTRY
+from internvit_fast.kernels import registry
 from internvit_fast.kernels.registry import Shape, smoke_shape
 
 if harness.CUDA:
@@ -58,6 +59,12 @@ def test_kernel(bench, ceilings, spec, batch, impl):
         iterations = harness.iterations_for(harness.estimate_ms(target))
         bench.pedantic(target, rounds=20 if harness.CUDA else 2, warmup_rounds=3 if harness.CUDA else 1,
                        iterations=iterations)
+    # What was timed computes the op: the kernel and both alternatives meet the parity rule.
+    if impl in ("triton", "fused", "unfused"):
+        inputs, outputs = sets[0]
+        got = registry.run(spec, inputs) if impl == "triton" else getattr(spec.choice, impl)(inputs)
+        ref = spec.reference if impl == "triton" else (spec.choice_reference or spec.reference)
+        assert harness.parity_ok(got, inputs, ref), f"{spec.id} {impl}: wrong result"
     ms = harness.median_ms(bench)
     info = dict(kernel=spec.id, impl=impl, batch=batch, rows=shape.rows, width=shape.width, ms=ms,
                 iterations=iterations, bytes_min=least, **ceilings)
@@ -103,6 +110,10 @@ def test_attention(bench, ceilings, backend):
                            else 1)
     except RuntimeError as e:  # a backend that does not take these inputs on this card
         pytest.skip(f"not measured: {backend} refused the inputs ({str(e)[:120]})")
+    with torch.inference_mode():
+        out = fn().float()
+        want = attention.naive_attention(q.float(), k.float(), v.float(), scale)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
     ms = harness.median_ms(bench)
     flops = 4 * b * heads * n * n * d
     harness.record(bench, kernel="attention", impl=backend, chosen=chosen, batch=b, ms=ms,

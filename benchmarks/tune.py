@@ -26,20 +26,7 @@ import torch
 
 from benchmarks import harness
 from internvit_fast.kernels import REGISTRY, tuning
-from internvit_fast.kernels.registry import Shape, float64, run, smoke_shape
-
-
-def parity_ok(got: dict, inputs: dict, reference) -> bool:
-    """The tests' rule on every output: error vs float64 at most twice torch's own, plus atol."""
-    same, exact = reference(inputs), reference(float64(inputs))
-    for name, out in got.items():
-        if not torch.isfinite(out).all():
-            return False
-        err = (out.double() - exact[name]).abs().max().item()
-        base = (same[name].double() - exact[name]).abs().max().item()
-        if err > 2 * base + 1e-3:
-            return False
-    return True
+from internvit_fast.kernels.registry import Shape, run, smoke_shape
 
 
 def tune(out_dir: str, budget_s: float, smoke: bool) -> str:
@@ -67,7 +54,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool) -> str:
                 best = None
                 for cfg in spec.candidates(arch):
                     try:
-                        if not parity_ok(run(spec, sets[0], cfg), sets[0], spec.reference):
+                        if not harness.parity_ok(run(spec, sets[0], cfg), sets[0], spec.reference):
                             log.append(f"{spec.id} M={shape.rows} {cfg}: wrong result, dropped")
                             continue
                         outs = [spec.new_outputs(i) for i in sets]
@@ -87,7 +74,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool) -> str:
                     ms = {}
                     for impl, fn in (("fused", lambda i, c=best[1]: spec.choice.fused(i, c)),
                                      ("unfused", spec.choice.unfused)):
-                        if not parity_ok(fn(sets[0]), sets[0], ref):
+                        if not harness.parity_ok(fn(sets[0]), sets[0], ref):
                             log.append(f"{spec.id} M={shape.rows} {impl}: wrong result")
                             continue
                         ms[impl] = harness.time_ms(harness.replays(fn, [(i,) for i in sets]),

@@ -26,11 +26,29 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     name = args.config or ("upernet" if device.type == "cuda" else "small")
     cfg = dict(PRESETS[name])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    size = args.img_size or cfg["img_size"]
+    size = cfg["img_size"] if args.img_size is None else args.img_size
+    patch = cfg["patch_size"]
+    if size <= 0 or size % patch:
+        ap.error(f"--img-size {size}: must be a positive multiple of the patch size ({patch})")
+    if cfg.get("with_fpn") and size < 2 * patch:
+        ap.error(f"--img-size {size}: the {name} configuration's FPN needs at least {2 * patch}")
+    if args.batch <= 0:
+        ap.error(f"--batch {args.batch}: must be at least 1")
+    if args.repeats <= 0:
+        ap.error(f"--repeats {args.repeats}: must be at least 1 (the time is averaged over them)")
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        ap.error(f"--checkpoint {args.checkpoint}: no such file or folder")
     if args.fast and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("note: on CPU the kernels run only with TRITON_INTERPRET=1; using the reference ops")
 
@@ -52,7 +70,7 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             outs = model(img)
         sync()
-        dt = (time.perf_counter() - t0) / max(1, args.repeats)
+        dt = (time.perf_counter() - t0) / args.repeats
     print(f"InternViT6B config={name} fast={args.fast} dtype={args.dtype} device={device} "
           f"batch={args.batch} input={size}x{size}")
     for i, o in enumerate(outs):

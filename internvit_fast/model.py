@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
+import numbers
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from . import attention
+from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
 from .kernels import linear_gelu, linear_residual_norm, qk_norm
 
 logger = logging.getLogger("internvit_fast")
@@ -205,25 +207,16 @@ class LayerNorm2d(nn.Module):
         return x.to(dtype)
 
 
-def resize_pos_table(table: torch.Tensor, grid_hw: Sequence[int]) -> torch.Tensor:
-    """Resize a (1, 1 + g*g, C) position table to grid (h, w), cls entry kept.
-
-    Bicubic, align_corners=False, in fp32, cast back to the table's dtype.
-    """
-    n = table.shape[1] - 1
-    g = math.isqrt(n)
-    if g * g != n:
-        raise ValueError(f"position table has {n} patch entries, not a square grid")
-    h, w = grid_hw
-    if (h, w) == (g, g):
-        return table
-    patches = table[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=(h, w), mode="bicubic", align_corners=False)
-    patches = patches.flatten(2).transpose(1, 2).to(table.dtype)
-    return torch.cat([table[:, :1], patches], dim=1)
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_out_indices(out_indices: Sequence[int], depth: int) -> List[int]:
+def _check_out_indices(out_indices, depth: int) -> List[int]:
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence):
+        raise ValueError(f"out_indices must be a list of block indices, got {out_indices!r}")
+    bad = [i for i in out_indices if not _is_int(i)]
+    if bad:
+        raise ValueError(f"out_indices {list(out_indices)}: {bad} are not integers")
     idx = [int(i) for i in out_indices]
     if not idx:
         raise ValueError("out_indices must name at least one block")
@@ -235,6 +228,39 @@ def _check_out_indices(out_indices: Sequence[int], depth: int) -> List[int]:
     if idx != sorted(idx):
         raise ValueError(f"out_indices {idx} must be sorted ascending")
     return idx
+
+
+def _check_arguments(a: dict) -> None:
+    """Every constructor argument, checked before anything is built: a ValueError names it."""
+    def need(ok, name, what):
+        if not ok:
+            raise ValueError(f"{name}={a[name]!r}: {what}")
+
+    for name in ("in_chans", "patch_size", "img_size", "pretrain_size", "embed_dim", "num_heads", "depth"):
+        need(_is_int(a[name]) and a[name] > 0, name, "must be a positive integer")
+    need(a["embed_dim"] % a["num_heads"] == 0, "embed_dim", f"is not divisible by num_heads={a['num_heads']}")
+    need(a["img_size"] % a["patch_size"] == 0, "img_size", f"is not a multiple of patch_size={a['patch_size']}")
+    need(isinstance(a["mlp_ratio"], numbers.Real) and not isinstance(a["mlp_ratio"], bool)
+         and a["mlp_ratio"] > 0 and int(a["embed_dim"] * a["mlp_ratio"]) > 0, "mlp_ratio",
+         "must be a positive number")
+    rate = a["drop_path_rate"]
+    need(isinstance(rate, numbers.Real) and not isinstance(rate, bool) and 0 <= rate < 1, "drop_path_rate",
+         "must be a number in [0, 1)")
+    iv = a["init_values"]
+    need(iv is None or (isinstance(iv, numbers.Real) and not isinstance(iv, bool) and math.isfinite(iv)),
+         "init_values", "must be a number (or None/0 for no LayerScale)")
+    for name in ("qkv_bias", "qk_normalization", "with_cp", "layerscale_force_fp32", "freeze_vit", "with_fpn",
+                 "with_final_norm", "fast"):
+        need(isinstance(a[name], bool), name, "must be True or False")
+    flash = a["use_flash_attn"]
+    if isinstance(flash, (list, tuple)):
+        need(len(flash) == a["depth"] and all(isinstance(f, bool) for f in flash), "use_flash_attn",
+             f"as a list must hold one bool per block (depth={a['depth']})")
+    else:
+        need(isinstance(flash, bool), "use_flash_attn", "must be True, False or a list of one bool per block")
+    need(a["dtype"] in _DTYPES, "dtype", f"not supported; expected one of {_DTYPES}")
+    need(a["pretrained"] is None or isinstance(a["pretrained"], (str, os.PathLike)), "pretrained",
+         "must be a checkpoint path or None")
 
 
 class InternViT6B(nn.Module):
@@ -252,12 +278,7 @@ class InternViT6B(nn.Module):
                  with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
                  dtype=torch.bfloat16):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype} not supported; expected one of {_DTYPES}")
+        _check_arguments(dict(locals()))
         self.out_indices = _check_out_indices(out_indices, depth)
         if with_fpn and len(self.out_indices) != 4:
             raise ValueError(f"with_fpn needs exactly four out_indices, got {self.out_indices}")
@@ -269,14 +290,15 @@ class InternViT6B(nn.Module):
         self.depth = depth
         self.with_fpn = with_fpn
         self.freeze_vit = freeze_vit
-        self.fast = bool(fast)
-        self._pos_cache = {}
+        self.fast = fast
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
         dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        # Upstream takes one flag or one per block.
+        flash = list(use_flash_attn) if isinstance(use_flash_attn, (list, tuple)) else [use_flash_attn] * depth
 
         def built(module: nn.Module) -> nn.Module:
             # Initialise in fp32, then cast block by block: a 6B model never exists in
@@ -285,7 +307,7 @@ class InternViT6B(nn.Module):
 
         self.blocks = nn.ModuleList([
             built(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
-                        bool(use_flash_attn), with_cp, qk_normalization, layerscale_force_fp32))
+                        flash[i], with_cp, qk_normalization, layerscale_force_fp32))
             for i in range(depth)])
 
         if with_fpn:
@@ -335,32 +357,34 @@ class InternViT6B(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x has dtype {x.dtype}; the backbone takes normalised float images (a {x.dtype} "
+                             "image is usually raw pixels: convert and normalise it first)")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
+        if x.shape[0] == 0:
+            raise ValueError("x holds no images (batch size 0)")
+        if x.device != self.cls_token.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.cls_token.device}")
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
             raise ValueError(f"x height and width ({h}, {w}) must be positive multiples of "
                              f"patch_size={self.patch_size}")
+        if self.with_fpn and min(h, w) < 2 * self.patch_size:
+            raise ValueError(f"x is {h}x{w}: with the FPN (whose last level halves the patch grid) each side "
+                             f"must be at least {2 * self.patch_size} pixels (a 2x2 grid of patches)")
 
     def pos_embed_for(self, grid_hw) -> torch.Tensor:
-        """The position table for a (h, w) patch grid; resized tables are cached."""
-        table = self.pos_embed
+        """The position table for a (h, w) patch grid: the loaded table at the model's own grid,
+        else that table resized bicubically.
+
+        Not cached: a cache keyed on the parameter cannot see every update (fused optimizers
+        and ``.data`` writes leave its version counter alone), and the resize is one small
+        interpolation of a (C, g, g) map per forward, next to 48 blocks of GEMMs."""
         grid_hw = tuple(grid_hw)
         if grid_hw == (self.img_size // self.patch_size,) * 2:
-            return table  # the model's own grid: the loaded table, unchanged
-        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and table.requires_grad)
-                or table.is_inference()):
-            # Compiled: the graph computes it. Training: a cached copy would cut the autograd
-            # graph. An inference tensor (a model built under inference_mode) has no version
-            # counter to tell when it changed.
-            return resize_pos_table(table, grid_hw)
-        key = (grid_hw, table.data_ptr(), table._version, table.dtype, table.device)
-        hit = self._pos_cache.get(grid_hw)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, resize_pos_table(table.detach(), grid_hw))
-            self._pos_cache[grid_hw] = hit
-        return hit[1]
+            return self.pos_embed
+        return resize_pos_table(self.pos_embed, grid_hw)
 
     # --- forward -------------------------------------------------------------------
 

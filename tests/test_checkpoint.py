@@ -1,7 +1,6 @@
 """Checkpoint round trips for every accepted format, with tensors the tests make."""
 import json
 import logging
-import os
 import re
 
 import pytest
@@ -204,3 +203,145 @@ def test_loaded_model_gives_source_outputs(tmp_path):
     with torch.no_grad():
         for a, b in zip(src(img), dst(img)):
             assert torch.equal(a, b)
+
+
+# --- every check before the first copy ---------------------------------------------------
+
+def _unchanged(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("meta", "meta tensor"),
+    ("sparse", "layout torch.sparse_coo"),
+    ("int", "dtype torch.int32"),
+])
+def test_bad_last_tensor_raises_before_anything_is_copied(tmp_path, bad, msg):
+    src, dst = _fresh(), _fresh()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = dict(src.state_dict())
+    last = sorted(sd)[-1]  # copied last: every other tensor would be in by then
+    t = sd.pop(last)
+    sd[last] = {"meta": lambda: torch.empty(t.shape, device="meta"), "sparse": lambda: t.to_sparse(),
+                "int": lambda: t.int()}[bad]()
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=f"{re.escape(last)}.*{msg}"):
+        load_checkpoint(dst, tmp_path / "bad.pth")
+    assert _unchanged(dst, before)
+
+
+def test_failure_during_the_copy_is_never_silent(tmp_path, monkeypatch):
+    from internvit_fast import checkpoint
+    src, dst = _fresh(), _fresh()
+    torch.save(src.state_dict(), tmp_path / "ok.pth")
+    calls = []
+
+    def failing(v):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk went away")
+        return v
+    monkeypatch.setattr(checkpoint, "materialize", failing)
+    with pytest.raises(CheckpointError, match="failed .*disk went away.* after 4 of .* mix of old and new"):
+        load_checkpoint(dst, tmp_path / "ok.pth")
+
+
+# --- mmengine checkpoints: loaded safely -------------------------------------------------
+
+class _Payload:
+    """A pickled object that would run code if unpickled without restriction."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_mmengine_checkpoint_loads_without_running_pickled_code(tmp_path, caplog):
+    np = pytest.importorskip("numpy")
+    src, dst = _fresh(), _fresh()
+    extra = {"meta": {"epoch": 3, "iter": np.int64(1200), "seed": np.int64(7), "lr": np.float64(1e-4),
+                      "dataset_meta": {"classes": ("wall", "sky")}, "hist": np.zeros(3)},
+             "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+             "evil": _Payload(str(tmp_path / "pwned"))}
+    try:  # what mmengine's Runner writes: its MessageHub state holds HistoryBuffer objects
+        from mmengine.logging import MessageHub
+        hub = MessageHub.get_instance("internvit_fast_test")
+        hub.update_scalar("train/loss", np.float64(0.5))
+        extra["message_hub"] = hub.state_dict()
+    except ImportError:
+        pass
+    sd = {"backbone." + k: v for k, v in src.state_dict().items()}
+    sd["decode_head.conv_seg.weight"] = torch.randn(5, 8, 1, 1)
+    torch.save(dict(extra, state_dict=sd), tmp_path / "iter_1200.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "iter_1200.pth", weights_only=True)  # what plain loading does
+    with caplog.at_level(logging.INFO, logger="internvit_fast"):
+        load_checkpoint(dst, tmp_path / "iter_1200.pth")
+    assert_same_weights(src, dst)
+    assert not (tmp_path / "pwned").exists(), "a pickled call ran"
+    assert "skipped pickled objects" in caplog.text and "io.open" in caplog.text
+
+
+# --- prefixes: only when they are the file's structure --------------------------------------
+
+@pytest.mark.parametrize("prefix", ["module.", "module.backbone.", "model.vision_model."])
+def test_whole_file_prefixes_are_stripped(tmp_path, prefix, caplog):
+    src, dst = _fresh(), _fresh()
+    sd = src.state_dict() if "vision_model" not in prefix else internvl_layout(src.state_dict())
+    torch.save({prefix + k: v for k, v in sd.items()}, tmp_path / "p.pth")
+    with caplog.at_level(logging.INFO, logger="internvit_fast"):
+        load_checkpoint(dst, tmp_path / "p.pth")
+    assert_same_weights(src, dst)
+    assert repr(prefix) in caplog.text
+
+
+def test_one_stray_prefixed_key_does_not_drop_the_rest(tmp_path, caplog):
+    src, dst = _fresh(), _fresh()
+    sd = dict(src.state_dict())
+    sd["backbone.extra"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "s.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \[\], unexpected keys \['backbone.extra'\]"):
+        load_checkpoint(dst, tmp_path / "s.pth")
+    missing, unexpected = load_checkpoint(dst, tmp_path / "s.pth", strict=False)
+    assert missing == [] and unexpected == ["backbone.extra"]
+    assert_same_weights(src, dst)
+
+
+# --- sharded .bin sets and malformed safetensors ---------------------------------------------
+
+@pytest.mark.parametrize("via", ["index", "folder"])
+def test_sharded_bin_set(tmp_path, via):
+    src, dst = _fresh(), _fresh()
+    sd = internvl_layout(src.state_dict(), "vision_model.")
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, tmp_path / name)
+        weight_map.update({k: name for k in part})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    load_checkpoint(dst, str(tmp_path / "pytorch_model.bin.index.json" if via == "index" else tmp_path))
+    assert_same_weights(src, dst)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2, 3]", b'"text"', b"{\"a\": 1}", b"{\"a\": {\"dtype\": \"F32\"}}"])
+def test_malformed_safetensors_header_names_the_file(tmp_path, header):
+    import struct
+    path = str(tmp_path / "h.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        load_checkpoint(_fresh(), path)
+
+
+def test_safetensors_tensors_are_read_one_at_a_time(tmp_path, monkeypatch):
+    """A safetensors checkpoint is not read whole: each tensor is read just before its copy."""
+    from internvit_fast import checkpoint
+    src, dst = _fresh(), _fresh()
+    save_file(src.state_dict(), str(tmp_path / "m.safetensors"))
+    sd = checkpoint.read_state_dict(str(tmp_path / "m.safetensors"))
+    assert all(isinstance(v, checkpoint.LazyTensor) for v in sd.values())
+    load_checkpoint(dst, str(tmp_path / "m.safetensors"))
+    assert_same_weights(src, dst)

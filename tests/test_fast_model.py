@@ -100,7 +100,8 @@ def test_fast_on_cpu_without_interpreter_warns_once_and_runs_reference(monkeypat
     img = torch.randn(1, 3, 56, 56)
     with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        a, b = fast(img), fast(img)
+        a = fast(img)
+        fast(img)
     assert calls == []
     assert len([w for w in seen if "Triton kernels need CUDA" in str(w.message)]) == 1
     with torch.no_grad():
@@ -120,3 +121,31 @@ def test_fast_model_compiles_without_graph_breaks(device):
                 got, want = compiled(img), fast(img)
             for g, w in zip(got, want):
                 assert torch.equal(g, w)
+
+
+def test_fp32_model_under_bf16_autocast_gives_the_reference_result(device, monkeypatch):
+    """AMP head tuning: a frozen fp32 ViT under bf16 autocast. The kernels take one dtype,
+    autocast mixes two: the fast model runs the reference ops and gives their result."""
+    naive, fast, _ = _pair(torch.float32, freeze_vit=True, out_indices=[1, 3])
+    naive, fast = naive.to(device), fast.to(device)
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        got, want = fast(img), naive(img)
+    assert calls == []
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_bf16_model_under_bf16_autocast_runs_the_kernels(device, monkeypatch):
+    naive, fast, ref64 = _pair(torch.bfloat16, out_indices=[1, 3])
+    naive, fast, ref64 = naive.to(device), fast.to(device), ref64.to(device)
+    calls = _spy(monkeypatch)
+    img = torch.randn(1, 3, 56, 56, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        got, base = fast(img), naive(img)
+    assert calls == [1]
+    with torch.no_grad():
+        exact = ref64(img.double())
+    for g, b, e in zip(got, base, exact):
+        assert_parity(g, e, b, atol=1e-4)

@@ -17,7 +17,10 @@ def block_math(sd, i, x, heads, force_fp32=False, eps=1e-6):
         h = t.float()
         return w * (h / torch.sqrt(h.square().mean(-1, keepdim=True) + eps)).to(t.dtype)
 
-    def ls(t, g):
+    def ls(t, name):
+        g = sd.get(f"blocks.{i}.{name}.gamma")  # absent when init_values is falsy
+        if g is None:
+            return t
         return (t.float() * g.float()).to(t.dtype) if force_fp32 else t * g
 
     B, N, C = x.shape
@@ -29,11 +32,11 @@ def block_math(sd, i, x, heads, force_fp32=False, eps=1e-6):
     q, k, v = (t.reshape(B, N, heads, D).permute(0, 2, 1, 3) for t in (q, k, v))
     a = torch.softmax((q * D ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v
     a = a.permute(0, 2, 1, 3).reshape(B, N, C) @ p("attn.proj.weight").t() + p("attn.proj.bias")
-    x = x + ls(a, p("ls1.gamma"))
+    x = x + ls(a, "ls1")
     h = rms(x, p("norm2.weight")) @ p("mlp.fc1.weight").t() + p("mlp.fc1.bias")
     h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     m = h @ p("mlp.fc2.weight").t() + p("mlp.fc2.bias")
-    return x + ls(m, p("ls2.gamma"))
+    return x + ls(m, "ls2")
 
 
 def model_math(model, img, heads):
@@ -43,7 +46,7 @@ def model_math(model, img, heads):
     x = torch.cat([sd["cls_token"].expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1) + sd["pos_embed"]
     outs = []
     for i in range(max(model.out_indices) + 1):
-        x = block_math(sd, i, x, heads, model.blocks[0].ls1.force_fp32)
+        x = block_math(sd, i, x, heads, getattr(model.blocks[0].ls1, "force_fp32", False))
         if i in model.out_indices:
             outs.append(x[:, 1:].transpose(1, 2).reshape(B, C, H, W).float())
     return outs
@@ -124,23 +127,54 @@ def test_state_dict_keys_are_upstreams():
 def test_no_layerscale_when_init_values_falsy():
     m = small_model(init_values=None, dtype=torch.float32, out_indices=[1])
     assert not any("gamma" in k for k in m.state_dict())
+    img = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        m(torch.randn(1, 3, 56, 56))
+        got, want = m(img), model_math(m, img, 3)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
 
 
-def test_position_table_resized_for_other_sizes_and_cached():
+def test_position_table_resized_for_other_sizes():
     m = small_model(dtype=torch.float32, out_indices=[0])
-    table = m.pos_embed_for((4, 4))
-    assert table is m.pos_embed  # at img_size: the loaded table, unchanged
+    assert m.pos_embed_for((4, 4)) is m.pos_embed  # at img_size: the loaded table, unchanged
     with torch.no_grad():
         t1 = m.pos_embed_for((3, 5))
-        assert m.pos_embed_for((3, 5)) is t1  # cached
         g = m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
         want = F.interpolate(g, size=(3, 5), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
         torch.testing.assert_close(t1[:, 1:], want)
         torch.testing.assert_close(t1[:, :1], m.pos_embed[:, :1])
-        m.pos_embed.add_(1.0)  # a changed table invalidates the cache
-        assert not torch.equal(m.pos_embed_for((3, 5)), t1)
+
+
+@pytest.mark.parametrize("update", ["fused-adamw", "data"])
+def test_other_sizes_follow_weight_updates_that_skip_the_version_counter(update):
+    """Fused optimizers and .data writes do not bump a parameter's version: outputs at a
+    resized grid must still use the current position table (no stale cache)."""
+    m = small_model(dtype=torch.float32, out_indices=[3], img_size=56)
+    img, other = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        m(other)  # a first forward at the other grid
+    if update == "data":
+        m.pos_embed.data.add_(0.5)
+    else:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+        for _ in range(5):
+            opt.zero_grad()
+            m(img)[0].square().mean().backward()
+            opt.step()
+    fresh = small_model(dtype=torch.float32, out_indices=[3], img_size=56)
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(m(other)[0], fresh(other)[0])
+
+
+def test_forwards_at_many_sizes_keep_nothing():
+    m = small_model(out_indices=[0])
+    before = ({k: v for k, v in vars(m).items() if k != "_modules"}, dict(m.named_buffers()))
+    with torch.no_grad():
+        for s in range(1, 12):
+            m(torch.randn(1, 3, 14 * s, 14 * (s % 4 + 1)))
+    after = ({k: v for k, v in vars(m).items() if k != "_modules"}, dict(m.named_buffers()))
+    assert before[0].keys() == after[0].keys() and before[1].keys() == after[1].keys()
+    assert not any(isinstance(v, (dict, list)) and v for k, v in after[0].items() if k.startswith("_pos"))
 
 
 def test_model_built_under_inference_mode_runs_other_sizes():
@@ -212,11 +246,24 @@ def test_drop_path_is_stochastic_in_train_and_off_in_eval():
     (torch.randn(1, 4, 56, 56), "channels"),
     (torch.randn(1, 3, 56, 50), "multiples of patch_size"),
     ("image", "torch.Tensor"),
+    (torch.randint(0, 255, (1, 3, 56, 56), dtype=torch.uint8), "torch.uint8.*normalise"),
+    (torch.ones(1, 3, 56, 56, dtype=torch.bool), "torch.bool"),
+    (torch.ones(1, 3, 56, 56, dtype=torch.int64), "torch.int64"),
+    (torch.ones(1, 3, 56, 56, dtype=torch.complex64), "torch.complex64"),
+    (torch.ones(0, 3, 56, 56), "batch size 0"),
+    (torch.ones(1, 3, 56, 56, device="meta"), "x is on meta but the model is on cpu"),
 ])
 def test_bad_input_raises_clear_error(bad, msg):
     m = small_model()
     with pytest.raises((ValueError, TypeError), match=msg):
         m(bad)
+
+
+def test_fpn_rejects_a_grid_smaller_than_two_by_two():
+    m = small_model(with_fpn=True, out_indices=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="at least 28 pixels"):
+        m(torch.randn(1, 3, 14, 56))
+    assert len(m(torch.randn(1, 3, 28, 28))) == 4
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -225,9 +272,28 @@ def test_bad_input_raises_clear_error(bad, msg):
     (dict(out_indices=[2, 1]), "sorted"),
     (dict(out_indices=[1, 1]), "duplicates"),
     (dict(out_indices=[]), "at least one"),
+    (dict(out_indices=[0, 1.5]), r"out_indices \[0, 1.5\]: \[1.5\] are not integers"),
+    (dict(out_indices=1), "out_indices must be a list"),
+    (dict(out_indices="01"), "out_indices must be a list"),
     (dict(with_fpn=True, out_indices=[0, 1, 2]), "exactly four"),
     (dict(embed_dim=100), "divisible by num_heads"),
     (dict(dtype=torch.int8), "dtype"),
+    (dict(img_size=0), "img_size=0: must be a positive integer"),
+    (dict(img_size=50), "img_size=50: is not a multiple of patch_size"),
+    (dict(num_heads=0), "num_heads=0: must be a positive integer"),
+    (dict(patch_size=0), "patch_size=0: must be a positive integer"),
+    (dict(depth=0, out_indices=[0]), "depth=0"),
+    (dict(in_chans=0), "in_chans=0"),
+    (dict(embed_dim=96.0), "embed_dim=96.0"),
+    (dict(mlp_ratio=0), "mlp_ratio=0"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate=1.5: must be a number in \[0, 1\)"),
+    (dict(drop_path_rate=-0.1), "drop_path_rate=-0.1"),
+    (dict(init_values=float("nan")), "init_values=nan"),
+    (dict(use_flash_attn=[True, False]), "one bool per block"),
+    (dict(use_flash_attn="yes"), "use_flash_attn='yes'"),
+    (dict(fast=1), "fast=1: must be True or False"),
+    (dict(with_cp=None), "with_cp=None"),
+    (dict(pretrained=7), "pretrained=7"),
 ])
 def test_bad_arguments_raise_clear_error(kw, msg):
     args = dict(SMALL)
@@ -236,13 +302,35 @@ def test_bad_arguments_raise_clear_error(kw, msg):
         InternViT6B(**args)
 
 
-def test_constructor_defaults_are_upstreams():
+def test_use_flash_attn_per_block_list():
+    flags = [True, False, True, False]
+    m = small_model(use_flash_attn=flags, dtype=torch.float32, out_indices=[3])
+    assert [b.attn.use_flash_attn for b in m.blocks] == flags
+    ref = small_model(use_flash_attn=False, dtype=torch.float32, out_indices=[3])
+    ref.load_state_dict(m.state_dict())
+    img = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(m(img)[0], ref(img)[0], rtol=1e-5, atol=1e-5)
+
+
+# The signature of upstream's backbone, as OpenGVLab/InternVL defines it in
+# segmentation/mmseg_custom/models/backbones/intern_vit_6b.py (commit d1f1e5f6).
+UPSTREAM_SIGNATURE = """def __init__(self, in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False,
+    drop_path_rate=0.0, embed_dim=3200, num_heads=25, mlp_ratio=4, init_values=0.1, qk_normalization=True,
+    depth=48, use_flash_attn=True, with_cp=True, layerscale_force_fp32=False, out_indices=[7, 11, 15, 23],
+    freeze_vit=False, with_fpn=False, with_final_norm=False, pretrained=None): pass"""
+
+
+def test_constructor_takes_upstreams_arguments_in_order_with_its_defaults():
+    import ast
     import inspect
-    sig = inspect.signature(InternViT6B.__init__).parameters
-    want = dict(in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False, drop_path_rate=0.0,
-                embed_dim=3200, num_heads=25, mlp_ratio=4, init_values=0.1, qk_normalization=True, depth=48,
-                use_flash_attn=True, with_cp=True, layerscale_force_fp32=False, freeze_vit=False,
-                with_fpn=False, with_final_norm=False, pretrained=None, fast=False, dtype=torch.bfloat16)
-    for k, v in want.items():
-        assert sig[k].default == v, k
-    assert list(sig["out_indices"].default) == [7, 11, 15, 23]
+    fn = ast.parse(UPSTREAM_SIGNATURE).body[0]
+    names = [a.arg for a in fn.args.args[1:]]
+    defaults = [ast.literal_eval(d) for d in fn.args.defaults]
+    ours = inspect.signature(InternViT6B.__init__).parameters
+    assert list(ours)[1:1 + len(names)] == names  # the same order: positional calls work too
+    for name, want in zip(names, defaults):
+        got = ours[name].default
+        assert (list(got) if name == "out_indices" else got) == want, name
+    assert list(ours)[1 + len(names):] == ["fast", "dtype"]  # ours come after upstream's
+    assert ours["fast"].default is False and ours["dtype"].default is torch.bfloat16

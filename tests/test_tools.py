@@ -167,3 +167,22 @@ def test_gpu_run_fallback_layout_writes_tuned_tables_into_the_repository(tmp_pat
     assert where.startswith(str(pkg))
     assert os.path.samefile(tuned, os.path.join(ROOT, "kernels", "tuned")) and not tuned.startswith(str(pkg))
     assert 'ln -s "$PWD/kernels"' in open(os.path.join(ROOT, "benchmarks", "gpu_run.sh")).read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--img-size", "0"], "--img-size 0: must be a positive multiple of the patch size (14)"),
+    (["--img-size", "15"], "--img-size 15: must be a positive multiple"),
+    (["--img-size", "14"], "--img-size 14: the small configuration's FPN needs at least 28"),
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--batch", "-1"], "--batch -1: must be at least 1"),
+    (["--checkpoint", "/nonexistent/w.pth"], "--checkpoint /nonexistent/w.pth: no such file"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--device", "tpu9"], "--device 'tpu9'"),
+])
+def test_cli_rejects_bad_options_like_argparse(args, message):
+    if torch.cuda.is_available() and args[0] == "--device" and args[1] == "cuda":
+        pytest.skip("this machine has CUDA")
+    p = run("-m", "internvit_fast", "--config", "small", *args, env={"TRITON_INTERPRET": "0"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "usage:" in p.stderr and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
