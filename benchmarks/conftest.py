@@ -37,6 +37,8 @@ def _priority(item):
         return (2,) if item.callspec.params["impl"] == "compiled" else (0,)
     if item.nodeid.startswith("benchmarks/bench_kernels.py::"):
         return (0,)
+    if item.nodeid.startswith("benchmarks/bench_segmentation.py::"):
+        return (1, 4)  # whole images, after the main batch-4 comparison and its checks
     if not item.nodeid.startswith("benchmarks/bench_backbone.py::"):
         return (0,)  # the hook sees the whole session's items: leave everything else in order
     if item.originalname in _CHECKS:

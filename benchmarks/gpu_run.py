@@ -99,6 +99,14 @@ def markdown(res: dict) -> str:
                       f"outputs up to {chk['max_abs_out']:.3g})", "",
                       f"reference (SDPA) {chk['err_sdpa']:.3g}, reference (naive attention) "
                       f"{chk['err_naive']:.3g}, fast path {chk['err_fast']:.3g}", ""]
+        elif chk["check"] == "segmentation":
+            seg = [c for c in res["checks"] if c["check"] == "segmentation"]
+            if chk is seg[0]:
+                lines += ["## Whole-image slide inference (crop 504, stride 322, bf16)", "",
+                          "| image | windows | path | ms/image | images/s | backbone share |", "|---|---|---|---|---|---|"]
+                lines += [f"| {c['size'][0]}x{c['size'][1]} | {c['windows']} | {c['path']} | {c['ms_per_image']:.1f} | "
+                          f"{c['images_per_s']:.2f} | {c['backbone_share']:.0%} |" for c in seg]
+                lines.append("")
         elif chk["check"] == "profile":
             lines += [f"## Profile: {chk['profiled_path']} path, {chk['config']} batch {chk['batch']} "
                       f"({chk['total_ms']:.1f} ms of kernels)", "", "| kernel | ms | share | calls |",
@@ -158,7 +166,8 @@ def main(argv=None) -> int:
     raw_path = os.path.join(work, "raw.json")
     env["INTERNVIT_BENCH_DEADLINE"] = str(start + args.budget_s)
     bench = _pytest(["-q", "-rs", "benchmarks/bench_kernels.py", "benchmarks/bench_backbone.py",
-                     f"--benchmark-json={raw_path}"], env, os.path.join(work, "bench.log"))
+                     "benchmarks/bench_segmentation.py", f"--benchmark-json={raw_path}"], env,
+                    os.path.join(work, "bench.log"))
     raw = json.load(open(raw_path)) if os.path.exists(raw_path) else {}
     res = collect(raw)
     bench_log = open(os.path.join(work, "bench.log")).read()

@@ -1,9 +1,11 @@
-"""MMSegmentation adapter: registers ``InternViT6B`` (and upstream's linear-probe ``BNHead``).
+"""MMSegmentation adapter: registers ``InternViT6B``, upstream's linear-probe ``BNHead`` and
+``BatchedSlideEncoderDecoder`` (mmseg's EncoderDecoder with its sliding windows batched).
 
 In a config::
 
     custom_imports = dict(imports=['internvit_fast.mmseg'], allow_failed_imports=False)
-    model = dict(backbone=dict(type='InternViT6B', fast=True, ...), ...)
+    model = dict(type='BatchedSlideEncoderDecoder', backbone=dict(type='InternViT6B', fast=True, ...),
+                 test_cfg=dict(mode='slide', crop_size=(504, 504), stride=(322, 322), max_windows=8), ...)
 
 With MMSegmentation 1.x the classes go into ``mmseg.registry.MODELS``; with 0.x into
 ``BACKBONES``/``HEADS``. The core package never imports mmseg or mmcv: only this module does.
@@ -17,17 +19,21 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .model import InternViT6B as _InternViT6B
+from .slide import slide_logits
 
 try:  # MMSegmentation 1.x
     from mmengine.model import BaseModule
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    from mmseg.models.segmentors import EncoderDecoder
     from mmseg.registry import MODELS as _BACKBONES
     _HEADS = _BACKBONES
+    MMSEG_1X = True
 except ImportError:  # MMSegmentation 0.x
     from mmcv.runner import BaseModule
     from mmseg.models.builder import BACKBONES as _BACKBONES
     from mmseg.models.builder import HEADS as _HEADS
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    MMSEG_1X = False
 
 
 @_BACKBONES.register_module(name="InternViT6B", force=True)
@@ -74,3 +80,23 @@ class BNHead(BaseDecodeHead):
         if isinstance(x, (list, tuple)):
             x = torch.cat(x, dim=1)
         return self.cls_seg(self.bn(x))
+
+
+if MMSEG_1X:
+    @_BACKBONES.register_module(name="BatchedSlideEncoderDecoder", force=True)
+    class BatchedSlideEncoderDecoder(EncoderDecoder):
+        """mmseg's EncoderDecoder whose slide inference runs the windows of all images in the
+        batch together, ``test_cfg.max_windows`` (default 8) per backbone call.
+
+        Same window grid, same overlap averaging, same resizes as ``EncoderDecoder``
+        (internvit_fast.slide): the predictions are mmseg's, computed in fewer, larger calls.
+        """
+
+        def slide_inference(self, inputs, batch_img_metas):
+            crop, stride = tuple(self.test_cfg.crop_size), tuple(self.test_cfg.stride)
+            h, w = inputs.shape[-2:]
+            # As mmseg does: the head resizes its logits to the window's shape (a torch.Size:
+            # that type is how mmseg's decode heads recognise slide inference).
+            batch_img_metas[0]["img_shape"] = torch.Size((min(crop[0], h), min(crop[1], w)))
+            return slide_logits(lambda windows: self.encode_decode(windows, batch_img_metas), inputs, crop, stride,
+                                self.out_channels, self.test_cfg.get("max_windows", 8))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from . import attention
+from . import attention, graphs
 from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
 from .kernels import linear_gelu, linear_residual_norm, qk_norm
 
@@ -261,6 +261,8 @@ def _check_arguments(a: dict) -> None:
     need(a["dtype"] in _DTYPES, "dtype", f"not supported; expected one of {_DTYPES}")
     need(a["pretrained"] is None or isinstance(a["pretrained"], (str, os.PathLike)), "pretrained",
          "must be a checkpoint path or None")
+    need(isinstance(a["cuda_graphs"], bool) or (_is_int(a["cuda_graphs"]) and a["cuda_graphs"] >= 0),
+         "cuda_graphs", "must be True, False or how many input shapes to keep graphs for")
 
 
 class InternViT6B(nn.Module):
@@ -268,7 +270,9 @@ class InternViT6B(nn.Module):
 
     Extra arguments: ``fast`` routes inference through the fused Triton kernels
     (same modules, same state_dict); ``dtype`` is the parameter dtype (upstream
-    casts the whole module to bf16).
+    casts the whole module to bf16); ``cuda_graphs`` replays inference forwards from
+    CUDA graphs, one per input shape (True: the last 2 shapes; an int N: the last N;
+    see graphs.py).
     """
 
     def __init__(self, in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False,
@@ -276,7 +280,7 @@ class InternViT6B(nn.Module):
                  qk_normalization=True, depth=48, use_flash_attn=True, with_cp=True,
                  layerscale_force_fp32=False, out_indices=(7, 11, 15, 23), freeze_vit=False,
                  with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
-                 dtype=torch.bfloat16):
+                 dtype=torch.bfloat16, cuda_graphs=False):
         super().__init__()
         _check_arguments(dict(locals()))
         self.out_indices = _check_out_indices(out_indices, depth)
@@ -291,6 +295,8 @@ class InternViT6B(nn.Module):
         self.with_fpn = with_fpn
         self.freeze_vit = freeze_vit
         self.fast = fast
+        n_graphs = 2 if cuda_graphs is True else int(cuda_graphs)
+        self._graphs = graphs.GraphCache(n_graphs) if n_graphs else None
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
@@ -412,6 +418,12 @@ class InternViT6B(nn.Module):
         return [f[:, 1:].transpose(1, 2).reshape(B, self.embed_dim, H, W) for f in feats]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if self._graphs is not None and isinstance(x, torch.Tensor) and not graphs.needs_eager(self, x):
+            self._check_input(x)
+            return self._graphs.run(self, self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         outs = self.forward_features(x)
         if self.with_fpn:
             outs = [up(f) for up, f in zip((self.up1, self.up2, self.up3, self.up4), outs)]

@@ -49,8 +49,11 @@ def shrunk(path, **backbone):
     return cfg
 
 
-def _sample(h, w, labels=True):
-    s = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+def _sample(h, w, labels=True, padded=None):
+    meta = dict(img_shape=(h, w), ori_shape=(h, w))
+    if padded:  # a batch padded to a common size, as mmseg's data preprocessor records it
+        meta.update(pad_shape=padded, padding_size=[0, padded[1] - w, 0, padded[0] - h])
+    s = SegDataSample(metainfo=meta)
     if labels:
         s.gt_sem_seg = PixelData(data=torch.randint(0, CLASSES, (1, h, w)))
     return s
@@ -145,3 +148,36 @@ def test_pretrained_weights_load_through_project_loader(tmp_path, how):
     got = model.backbone
     for name in ("cls_token", "pos_embed", "blocks.1.mlp.fc1.weight", "blocks.3.ls2.gamma"):
         assert torch.equal(got.state_dict()[name], src.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("sizes, max_windows", [
+    ([(70, 98)], 8),                          # not a multiple of the crop or the stride
+    ([(42, 112)], 3),                         # shorter than a window: one row of narrow windows
+    ([(84, 126), (56, 70), (42, 42)], 4),     # a batch of different sizes, padded as mmseg pads
+    ([(84, 126), (56, 70)], 1),
+])
+def test_batched_slide_inference_equals_mmseg(sizes, max_windows):
+    from internvit_fast.mmseg import BatchedSlideEncoderDecoder
+    cfg = shrunk(CONFIGS[0], dtype=torch.float32, fast=False)
+    cfg.model.test_cfg.update(max_windows=max_windows)
+    torch.manual_seed(0)
+    batched = MODELS.build(cfg.model).eval()
+    assert type(batched) is BatchedSlideEncoderDecoder
+    cfg.model.type = "EncoderDecoder"
+    plain = MODELS.build(cfg.model).eval()
+    plain.load_state_dict(batched.state_dict())
+    padded = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    inputs = torch.zeros(len(sizes), 3, *padded)
+    for i, (h, w) in enumerate(sizes):
+        inputs[i, :, :h, :w] = torch.randn(3, h, w)
+    calls = []
+    real = batched.encode_decode
+    batched.encode_decode = lambda x, metas: calls.append(x.shape[0]) or real(x, metas)
+    with torch.no_grad():
+        got = batched.predict(inputs, [_sample(h, w, False, padded) for h, w in sizes])
+        want = plain.predict(inputs, [_sample(h, w, False, padded) for h, w in sizes])
+    assert max(calls) <= max_windows and sum(calls) == len(sizes) * (sum(calls) // len(sizes))
+    for g, w in zip(got, want):
+        assert g.seg_logits.data.shape == w.seg_logits.data.shape
+        torch.testing.assert_close(g.seg_logits.data, w.seg_logits.data, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g.pred_sem_seg.data, w.pred_sem_seg.data)

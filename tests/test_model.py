@@ -294,6 +294,8 @@ def test_fpn_rejects_a_grid_smaller_than_two_by_two():
     (dict(fast=1), "fast=1: must be True or False"),
     (dict(with_cp=None), "with_cp=None"),
     (dict(pretrained=7), "pretrained=7"),
+    (dict(cuda_graphs=-1), "cuda_graphs=-1"),
+    (dict(cuda_graphs="on"), "cuda_graphs='on'"),
 ])
 def test_bad_arguments_raise_clear_error(kw, msg):
     args = dict(SMALL)
@@ -332,5 +334,5 @@ def test_constructor_takes_upstreams_arguments_in_order_with_its_defaults():
     for name, want in zip(names, defaults):
         got = ours[name].default
         assert (list(got) if name == "out_indices" else got) == want, name
-    assert list(ours)[1 + len(names):] == ["fast", "dtype"]  # ours come after upstream's
+    assert list(ours)[1 + len(names):] == ["fast", "dtype", "cuda_graphs"]  # ours come after upstream's
     assert ours["fast"].default is False and ours["dtype"].default is torch.bfloat16

@@ -16,23 +16,43 @@ def run(*args, env=None, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_default_runs_small_backbone_on_cpu():
+def test_cli_default_compares_reference_and_fast_paths_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("the default on a GPU is the full 6B configuration (run by gpu_run.sh)")
-    p = run("-m", "internvit_fast", env={"TRITON_INTERPRET": "0"})
+    p = run("-m", "internvit_fast", env={"TRITON_INTERPRET": "0"})  # it turns the interpreter on itself
     assert p.returncode == 0, p.stderr
-    assert "config=small" in p.stdout and "feature 3: (1, 96, 2, 2) torch.float32" in p.stdout
-    assert "ms per batch" in p.stdout
+    out = p.stdout
+    assert "InternViT6B small on cpu, bf16, batch 1, 56x56, random weights" in out
+    assert "(1, 96, 2, 2)" in out and "parity: ok" in out and "not a speed figure" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("reference ", "fast "))]
+    assert [r[0] for r in rows] == ["reference", "fast"] and all(float(r[-1]) > 0 for r in rows)
 
 
-def test_cli_fast_path_with_options(tmp_path):
+def test_cli_json_with_checkpoint_and_image(tmp_path):
+    from PIL import Image
+
     from helpers import small_model
     m = small_model(dtype=torch.float32, out_indices=[0, 1, 2, 3], with_fpn=True)
     torch.save(m.state_dict(), tmp_path / "w.pth")
-    p = run("-m", "internvit_fast", "--config", "small", "--batch", "2", "--fast", "--repeats", "1",
-            "--checkpoint", str(tmp_path / "w.pth"), "--device", "cpu", env={"TRITON_INTERPRET": "1"})
+    Image.fromarray((torch.rand(90, 120, 3) * 255).byte().numpy()).save(tmp_path / "cat.png")
+    p = run("-m", "internvit_fast", "--config", "small", "--batch", "2", "--checkpoint", str(tmp_path / "w.pth"),
+            "--image", str(tmp_path / "cat.png"), "--json", env={"TRITON_INTERPRET": "1"})
     assert p.returncode == 0, p.stderr
-    assert "fast=True" in p.stdout and "feature 0: (2, 96, 16, 16)" in p.stdout
+    res = json.loads(p.stdout)
+    assert res["parity"]["ok"] and res["interpreter"] and res["batch"] == 2
+    assert res["features"][0] == [2, 96, 16, 16] and [r["path"] for r in res["paths"]] == ["reference", "fast"]
+    assert all(r["max_err_vs_fp32"] >= 0 for r in res["paths"])
+
+
+def test_cli_image_preprocessing_matches_upstream_normalisation(tmp_path):
+    from PIL import Image
+
+    from internvit_fast.__main__ import MEAN, STD, load_image
+    Image.fromarray(torch.full((40, 80, 3), 200, dtype=torch.uint8).numpy()).save(tmp_path / "flat.png")
+    x = load_image(str(tmp_path / "flat.png"), 28)
+    assert x.shape == (3, 28, 28)
+    want = torch.tensor([(200 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1).expand(3, 28, 28)
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
 
 
 NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
@@ -176,13 +196,14 @@ def test_gpu_run_fallback_layout_writes_tuned_tables_into_the_repository(tmp_pat
     (["--repeats", "0"], "--repeats 0: must be at least 1"),
     (["--batch", "-1"], "--batch -1: must be at least 1"),
     (["--checkpoint", "/nonexistent/w.pth"], "--checkpoint /nonexistent/w.pth: no such file"),
+    (["--image", "/nonexistent/cat.png"], "--image /nonexistent/cat.png: no such file"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
     (["--device", "tpu9"], "--device 'tpu9'"),
 ])
 def test_cli_rejects_bad_options_like_argparse(args, message):
     if torch.cuda.is_available() and args[0] == "--device" and args[1] == "cuda":
         pytest.skip("this machine has CUDA")
-    p = run("-m", "internvit_fast", "--config", "small", *args, env={"TRITON_INTERPRET": "0"})
+    p = run("-m", "internvit_fast", "--config", "small", "--paths", "reference", *args, env={"TRITON_INTERPRET": "0"})
     assert p.returncode == 2, p.stdout + p.stderr
     assert "usage:" in p.stderr and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr

@@ -12,7 +12,8 @@ data_preprocessor = dict(
     seg_pad_val=255,
     size=(504, 504))
 model = dict(
-    type='EncoderDecoder',
+    # mmseg's EncoderDecoder with the sliding windows of a batch run together (max_windows).
+    type='BatchedSlideEncoderDecoder',
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='InternViT6B',
@@ -61,4 +62,4 @@ model = dict(
         align_corners=False,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
     train_cfg=dict(),
-    test_cfg=dict(mode='slide', crop_size=(504, 504), stride=(341, 341)))
+    test_cfg=dict(mode='slide', crop_size=(504, 504), stride=(341, 341), max_windows=8))
