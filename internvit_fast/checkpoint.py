@@ -11,7 +11,9 @@ Accepted files:
 - .safetensors files (read with the ``safetensors`` package, tensor by tensor);
 - sharded sets as transformers writes them: ``*.safetensors.index.json`` or
   ``pytorch_model.bin.index.json`` with their shards, or the folder holding one of these
-  (or a single .safetensors / .bin file).
+  (or a single .safetensors / .bin file);
+- a folder written by torch.distributed.checkpoint (FSDP training's sharded checkpoints,
+  ``.metadata`` plus one file per process), read whole in one process.
 
 Key layouts: upstream's segmentation backbone keys, the InternViT layout published with
 InternVL (``embeddings.*``, ``encoder.layers.N.*``), each under any prefix that is the
@@ -214,12 +216,30 @@ def _read_index(index_path: str) -> Dict[str, Entry]:
     return out
 
 
+def _read_distributed(folder: str) -> Dict[str, Entry]:
+    """A sharded checkpoint written by torch.distributed.checkpoint (one file per process),
+    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``: read whole, in one process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = os.path.join(tmp, "whole.pt")
+        try:
+            dcp_to_torch_save(folder, whole)
+        except Exception as e:  # noqa: BLE001 - a corrupt or partial set of shards
+            raise CheckpointError(f"{folder}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from None
+        sd = _unwrap(_read_torch(whole), folder)
+        return {k: v.clone() for k, v in sd.items()}  # own memory: the file goes with the folder
+
+
 _WEIGHTS = (".safetensors", ".bin", ".pth", ".pt")
 
 
 def read_state_dict(path) -> Dict[str, Entry]:
     """Read any supported file, sharded set or folder into a flat name -> tensor dict."""
     path = os.fspath(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, ".metadata")):
+        return _read_distributed(path)
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         index = [f for f in names if f.endswith((".safetensors.index.json", ".bin.index.json"))]

@@ -38,7 +38,8 @@ def use_kernels(model, x: torch.Tensor) -> bool:
     reference ops run for that call, so gradients are always the reference's.
     Active stochastic depth (training with drop_path > 0) also runs the reference, and so
     does autocast to a dtype other than the tokens' (an fp32 model under bf16 autocast):
-    the kernels take one dtype, autocast would mix two.
+    the kernels take one dtype, autocast would mix two; so do weights sharded by FSDP
+    (each block gathers its weights only when called as a module).
     """
     global _warned_cpu
     if not model.fast:
@@ -51,6 +52,8 @@ def use_kernels(model, x: torch.Tensor) -> bool:
                           "(or TRITON_INTERPRET=1 on CPU); running the reference ops", stacklevel=3)
             _warned_cpu = True
         return False
+    if _sharded(model):  # FSDP: a block's weights are whole only inside its own forward call
+        return False
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
         return False
@@ -59,6 +62,14 @@ def use_kernels(model, x: torch.Tensor) -> bool:
     if model.training and any(getattr(m, "drop_prob", 0.0) > 0 for m in model.blocks.modules()):
         return False
     return True
+
+
+def _sharded(model) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return False
+    return isinstance(model.blocks[0].norm1.weight, DTensor)
 
 
 def forward_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, out_indices: Sequence[int]) -> List[torch.Tensor]:

@@ -1,5 +1,11 @@
-"""MMSegmentation adapter: registers ``InternViT6B``, upstream's linear-probe ``BNHead`` and
-``BatchedSlideEncoderDecoder`` (mmseg's EncoderDecoder with its sliding windows batched).
+"""MMSegmentation adapter: registers ``InternViT6B``, upstream's linear-probe ``BNHead``,
+``BatchedSlideEncoderDecoder`` (mmseg's EncoderDecoder with its sliding windows batched),
+upstream's layer-wise lr decay (``InternViTLayerDecayOptimizerConstructor``), and the
+multi-process wrappers ``InternViTDDP`` and ``InternViTFSDP`` with ``ShardedCheckpointHook``.
+
+    python -m internvit_fast.mmseg train CONFIG [--work-dir DIR] [--cfg-options k=v ...]
+    python -m internvit_fast.mmseg test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+    torchrun --nproc_per_node 8 -m internvit_fast.mmseg train CONFIG     (DDP, or FSDP by config)
 
 In a config::
 
@@ -13,6 +19,8 @@ With MMSegmentation 1.x the classes go into ``mmseg.registry.MODELS``; with 0.x 
 from __future__ import annotations
 
 import copy
+import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,9 +31,13 @@ from .slide import slide_logits
 
 try:  # MMSegmentation 1.x
     from mmengine.model import BaseModule
+    from mmengine.optim import DefaultOptimWrapperConstructor
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
     from mmseg.models.segmentors import EncoderDecoder
     from mmseg.registry import MODELS as _BACKBONES
+    # mmengine's root registry: the runner looks wrappers up there (children find them too)
+    from mmengine.registry import MODEL_WRAPPERS
+    from mmseg.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
     _HEADS = _BACKBONES
     MMSEG_1X = True
 except ImportError:  # MMSegmentation 0.x
@@ -100,3 +112,212 @@ if MMSEG_1X:
             batch_img_metas[0]["img_shape"] = torch.Size((min(crop[0], h), min(crop[1], w)))
             return slide_logits(lambda windows: self.encode_decode(windows, batch_img_metas), inputs, crop, stride,
                                 self.out_channels, self.test_cfg.get("max_windows", 8))
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Upstream's layer id of a segmentor parameter (BEiT-style layer decay): the embeddings
+    are layer 0, ``backbone.blocks.N`` layer N + 1, everything else (FPN, heads) the last."""
+    if name in ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed") or \
+            name.startswith(("backbone.patch_embed", "backbone.visual_embed")):
+        return 0
+    if name.startswith(("backbone.blocks.", "backbone.layers.")):
+        return int(name.split(".")[2]) + 1
+    return num_layers - 1
+
+
+if MMSEG_1X:
+    @OPTIM_WRAPPER_CONSTRUCTORS.register_module(name="InternViTLayerDecayOptimizerConstructor", force=True)
+    class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+        """Layer-wise learning-rate decay for InternViT-6B segmentors, as upstream trains them.
+
+        ``paramwise_cfg=dict(num_layers=48, layer_decay_rate=0.95)``: ``num_layers + 2`` groups
+        (see ``layer_id``), each with lr ``base_lr * layer_decay_rate ** (num_layers + 1 - id)``;
+        1-D parameters and biases get no weight decay. Upstream also meant to exempt
+        ``pos_embed`` and ``cls_token``, but compared the prefixed names (``backbone.pos_embed``)
+        with bare ones, so they did get weight decay in its runs: so they do here, unless
+        ``paramwise_cfg.embed_no_decay=True``. Frozen parameters are left out.
+        """
+
+        def add_params(self, params, module, **kwargs):
+            num_layers = self.paramwise_cfg["num_layers"] + 2
+            rate = self.paramwise_cfg["layer_decay_rate"]
+            embed_no_decay = self.paramwise_cfg.get("embed_no_decay", False)
+            groups = {}
+            for name, param in module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                no_decay = param.ndim == 1 or name.endswith(".bias") or (
+                    embed_no_decay and name in ("backbone.pos_embed", "backbone.cls_token"))
+                lid = layer_id(name, num_layers)
+                key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+                if key not in groups:
+                    scale = rate ** (num_layers - lid - 1)
+                    groups[key] = dict(params=[], param_names=[], group_name=key, lr_scale=scale,
+                                       lr=scale * self.base_lr,
+                                       weight_decay=0.0 if no_decay else (self.base_wd or 0.0))
+                groups[key]["params"].append(param)
+                groups[key]["param_names"].append(name)
+            params.extend(groups.values())
+
+
+# --- more than one process --------------------------------------------------------------
+
+def _local_device(module: nn.Module) -> Optional[list]:
+    """DDP's device_ids: the local GPU, or None for a CPU module (gloo)."""
+    dev = next(module.parameters()).device
+    return [dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", 0))] if dev.type == "cuda" else None
+
+
+if MMSEG_1X:
+    from mmengine.hooks import Hook
+    from mmengine.model import MMDistributedDataParallel
+
+    @MODEL_WRAPPERS.register_module(name="InternViTDDP", force=True)
+    class InternViTDDP:
+        """mmengine's MMDistributedDataParallel with device_ids right for the module's device.
+
+        mmengine's runner passes ``device_ids=[LOCAL_RANK]`` to DDP subclasses, which DDP
+        refuses for a CPU module; this builds the same wrapper with ``None`` there (gloo on
+        CPU) and the local GPU otherwise. ``model_wrapper_cfg=dict(type='InternViTDDP')``.
+        """
+
+        def __new__(cls, module, **kwargs):
+            kwargs.setdefault("broadcast_buffers", False)
+            return MMDistributedDataParallel(module=module, device_ids=_local_device(module), **kwargs)
+
+    @MODEL_WRAPPERS.register_module(name="InternViTFSDP", force=True)
+    class InternViTFSDP(nn.Module):
+        """Fully sharded data parallel (torch's ``fully_shard``, FSDP2) for full fine-tuning.
+
+        Each ViT block is a unit (its weights gathered for its forward and backward only),
+        then the rest of the backbone, then the root (the heads): parameters, gradients and
+        AdamW state are split over the processes. With ``with_cp=True`` the blocks recompute their activations in the
+        backward. ``model_wrapper_cfg=dict(type='InternViTFSDP')``; save with
+        ``ShardedCheckpointHook`` (each process writes its shards; ``load_checkpoint`` reads
+        the folder back whole). Train through ``python -m internvit_fast.mmseg train``: mmengine's
+        runner would otherwise broadcast the sharded weights after building them, which fails.
+        """
+
+        def __init__(self, module, reshard_after_forward: bool = True):
+            super().__init__()
+            from torch.distributed.fsdp import fully_shard
+            blocks = getattr(getattr(module, "backbone", None), "blocks", None)
+            if blocks is None:
+                raise ValueError("InternViTFSDP: the model has no backbone.blocks to shard")
+            # Weights (pretrained ones included) are set on the whole tensors, before sharding:
+            # every process builds the same model (mmengine seeds them alike), then keeps its
+            # shards. Later init_weights calls (the runner's) must not touch sharded tensors.
+            if hasattr(module, "init_weights"):
+                module.init_weights()
+                module.init_weights = lambda: None
+            self.initialised = True
+            # One unit per block, then the rest of the backbone (bf16), then the root: the heads
+            # (fp32; FSDP wants one dtype per unit). The heads cannot be units of their own:
+            # mmseg calls their forward() directly, past the hooks that gather a unit's weights.
+            for unit in list(blocks) + [module.backbone, module]:
+                fully_shard(unit, reshard_after_forward=reshard_after_forward)
+            self.module = module
+
+        def train_step(self, data, optim_wrapper):
+            return self.module.train_step(data, optim_wrapper)
+
+        def val_step(self, data):
+            return self.module.val_step(data)
+
+        def test_step(self, data):
+            return self.module.test_step(data)
+
+    def save_sharded_checkpoint(model: nn.Module, folder: str) -> None:
+        """Every process writes its shards of the model's weights into ``folder``
+        (torch.distributed.checkpoint); ``internvit_fast.load_checkpoint`` reads it whole."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        module = getattr(model, "module", model)
+        dcp.save(get_model_state_dict(module), checkpoint_id=folder)
+
+    @HOOKS.register_module(name="ShardedCheckpointHook", force=True)
+    class ShardedCheckpointHook(Hook):
+        """Saves ``iter_N/`` sharded checkpoints every ``interval`` iterations and after training
+        (mmengine's CheckpointHook would save rank 0's shards only)."""
+        priority = "VERY_LOW"
+
+        def __init__(self, interval: int = 1000):
+            self.interval = interval
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if self.every_n_train_iters(runner, self.interval):
+                self._save(runner)
+
+        def after_train(self, runner):
+            self._save(runner)
+
+        def _save(self, runner):
+            folder = os.path.join(runner.work_dir, f"iter_{runner.iter}")
+            save_sharded_checkpoint(runner.model, folder)
+            runner.logger.info(f"sharded checkpoint saved to {folder}")
+
+
+# --- python -m internvit_fast.mmseg train|test ------------------------------------------------
+
+def main(argv=None) -> int:
+    import argparse
+
+    from mmengine.config import Config, DictAction
+    from mmengine.runner import Runner
+
+    ap = argparse.ArgumentParser(prog="python -m internvit_fast.mmseg",
+                                 description="Train or test an MMSegmentation config with internvit_fast.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("train", "test"):
+        p = sub.add_parser(name)
+        p.add_argument("config")
+        if name == "test":
+            p.add_argument("checkpoint", help="a segmentor checkpoint (any format internvit_fast loads)")
+        p.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<config name>)")
+        p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                       help="override config keys, e.g. train_cfg.max_iters=100")
+        p.add_argument("--launcher", choices=["none", "pytorch"],
+                       help="default: pytorch under torchrun (WORLD_SIZE set), else none")
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.config):
+        ap.error(f"{args.config}: no such config file")
+    cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher or ("pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none")
+    if cfg.launcher == "pytorch" and not torch.cuda.is_available():
+        # mmengine's pytorch launcher calls torch.cuda.set_device, which a CPU-only torch lacks:
+        # join the torchrun group with gloo here (the runner then skips its own setup), and
+        # wrap with InternViTDDP (mmengine's default wrapper passes GPU device_ids).
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        if cfg.get("model_wrapper_cfg") is None:
+            cfg.model_wrapper_cfg = dict(type="InternViTDDP")
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
+        "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
+    if args.command == "test":
+        if not os.path.exists(args.checkpoint):
+            ap.error(f"{args.checkpoint}: no such checkpoint")
+        runner = Runner.from_cfg(cfg)
+        # Through internvit_fast's loader: safe unpickling, sharded folders, key layouts.
+        from .checkpoint import read_state_dict
+        model = getattr(runner.model, "module", runner.model)
+        sd = {k: v.load() if hasattr(v, "load") else v for k, v in read_state_dict(args.checkpoint).items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            ap.error(f"{args.checkpoint}: does not match the model: missing {missing[:5]}, unexpected "
+                     f"{unexpected[:5]}")
+        runner.test()
+    else:
+        runner = Runner.from_cfg(cfg)
+        if getattr(runner.model, "initialised", False):
+            # InternViTFSDP set the weights before sharding; the runner's own step would
+            # broadcast the sharded tensors, which torch.distributed cannot do.
+            runner._init_model_weights = lambda: None
+        runner.train()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

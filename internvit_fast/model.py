@@ -282,6 +282,8 @@ class InternViT6B(nn.Module):
                  with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
                  dtype=torch.bfloat16, cuda_graphs=False):
         super().__init__()
+        if isinstance(dtype, str):  # configs (mmseg) name it: 'bfloat16', 'float16', 'float32'
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, dtype)
         _check_arguments(dict(locals()))
         self.out_indices = _check_out_indices(out_indices, depth)
         if with_fpn and len(self.out_indices) != 4:

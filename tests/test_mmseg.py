@@ -65,7 +65,7 @@ def _params(model, prefix):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-3] for p in CONFIGS])
 def test_config_predicts_and_trains(path):
-    assert len(CONFIGS) == 3
+    assert len(CONFIGS) == 4
     cfg = shrunk(path)
     model = MODELS.build(cfg.model)
     backbone = model.backbone
