@@ -205,3 +205,42 @@ def test_profile(bench, path):
     # The profile is of the path it names: our ops appear in the fast one and only there.
     ours = [e.key for e in prof.key_averages() if e.key.startswith("internvit_fast::") or "_linear_kernel" in e.key]
     assert bool(ours) == (path == "fast"), ours[:5]
+
+
+TRAIN_PATHS = ["reference", "fast", "compile-default"]
+
+
+@pytest.mark.parametrize("path", TRAIN_PATHS)
+def test_training_step(bench, ceilings, path):
+    """One forward and backward of the backbone (no optimizer step), bf16, with_cp as upstream
+    trains it, at 504x504 batch 2 (the per-GPU batch of upstream's recipes)."""
+    config, batch = (MAIN, 2) if harness.CUDA else (MAIN, 1)
+    cfg = PRESETS[config]
+    model = model_for(config)
+    saved_cp = [b.with_cp for b in model.blocks]
+    imgs = [torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=harness.DEVICE) for _ in range(2)]
+    if harness.CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for b in model.blocks:
+            b.with_cp = True
+        model.train()
+        with path_settings(model, fast=path == "fast"):
+            fn = harness.compile_fn(model, "default") if path.startswith("compile") else model
+            calls = [0]
+
+            def target():
+                calls[0] += 1
+                outs = fn(imgs[calls[0] % 2])
+                sum(o.float().square().mean() for o in outs).backward()
+                model.zero_grad(set_to_none=True)
+
+            bench.pedantic(target, rounds=3 if harness.CUDA else 1, warmup_rounds=1, iterations=1)
+    finally:
+        model.eval()
+        for b, flag in zip(model.blocks, saved_cp):
+            b.with_cp = flag
+    ms = harness.median_ms(bench)
+    harness.record(bench, check="training", config=config, batch=batch, path=path, ms=ms,
+                   images_per_s=batch / (ms * 1e-3), tflops=3 * flops_per_image(cfg) * batch / (ms * 1e-3) / 1e12,
+                   peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if harness.CUDA else None, **ceilings)

@@ -43,6 +43,8 @@ def _priority(item):
         return (0,)  # the hook sees the whole session's items: leave everything else in order
     if item.originalname in _CHECKS:
         return (1, _CHECKS[item.originalname])
+    if item.originalname == "test_training_step":  # after the inference comparisons
+        return (2, 1, item.callspec.params["path"].startswith("compile"))
     p = item.callspec.params
     cost, main = _PATH_COST[p["path"]], p["config"] in ("upernet", "small")
     if main and p["batch"] == 4 and cost < 2:  # the targets' comparison: reference, fast, compile

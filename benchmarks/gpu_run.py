@@ -2,10 +2,12 @@
 
     python -m benchmarks.gpu_run [--out DIR] [--budget-s 450] [--tune] [--smoke]
 
-1. the test suite under CUDA (parity of every kernel, compiled and launched for real);
-2. the kernel and backbone benchmarks (pytest benchmarks/), time-boxed: what does not fit
-   is listed as not measured, never dropped in silence;
-3. writes <date>-<card>.json (card, versions, ceilings, every figure) and a markdown
+1. (--tune) the launch configurations and fused/unfused choices at the segmentation shapes;
+2. the kernel, backbone, segmentation and training benchmarks (pytest benchmarks/),
+   time-boxed: what does not fit is listed as not measured, never dropped in silence;
+3. the tests under CUDA (parity of every kernel, compiled and launched for real; the fast
+   model; CUDA graphs replaying exactly) in what is left of the box;
+4. writes <date>-<card>.json (card, versions, ceilings, every figure) and a markdown
    table beside it, and prints the short table last.
 
 Without CUDA it fails loudly, unless --smoke: the same entry points at tiny shapes
@@ -27,18 +29,25 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _pytest(args, env, log_path):
+def _pytest(args, env, log_path, timeout=None):
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"] + args
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        out, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as e:  # the box ran out: keep what it printed
+        out = (e.output.decode() if isinstance(e.output, bytes) else e.output or "") + \
+            f"\n= stopped at the time box after {timeout:.0f} s: not finished ="
+        rc = 124
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log.write(proc.stdout)
-    tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or [""]
-    print(proc.stdout[-3000:] if proc.returncode else tail[0], flush=True)
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail[0])}
-    return {"rc": proc.returncode, "summary": tail[0].strip("= "), "counts": counts,
-            "seconds": round(time.time() - t0, 1)}
+        log.write(out)
+    tail = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or [""]
+    print(out[-3000:] if rc else tail[0], flush=True)
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.strip().splitlines()[-1]
+                                               if out.strip() else "")}
+    return {"rc": rc, "summary": tail[0].strip("= "), "counts": counts, "seconds": round(time.time() - t0, 1)}
 
 
 def _card(torch) -> str:
@@ -107,6 +116,14 @@ def markdown(res: dict) -> str:
                 lines += [f"| {c['size'][0]}x{c['size'][1]} | {c['windows']} | {c['path']} | {c['ms_per_image']:.1f} | "
                           f"{c['images_per_s']:.2f} | {c['backbone_share']:.0%} |" for c in seg]
                 lines.append("")
+        elif chk["check"] == "training":
+            train = [c for c in res["checks"] if c["check"] == "training"]
+            if chk is train[0]:
+                lines += [f"## Training step (forward + backward, with_cp, {chk['config']} batch {chk['batch']})", "",
+                          "| path | ms | images/s | TFLOP/s (3x forward FLOPs) | peak GB |", "|---|---|---|---|---|"]
+                lines += [f"| {c['path']} | {c['ms']:.1f} | {c['images_per_s']:.2f} | {c['tflops']:.1f} | "
+                          f"{'-' if c.get('peak_mem_gb') is None else format(c['peak_mem_gb'], '.1f')} |" for c in train]
+                lines.append("")
         elif chk["check"] == "profile":
             lines += [f"## Profile: {chk['profiled_path']} path, {chk['config']} batch {chk['batch']} "
                       f"({chk['total_ms']:.1f} ms of kernels)", "", "| kernel | ms | share | calls |",
@@ -155,19 +172,26 @@ def main(argv=None) -> int:
         if proc.returncode:
             print("gpu_run: tuning failed; measuring with the committed configurations", file=sys.stderr)
 
+    # The benchmarks first (they answer the targets), the test suite under CUDA in what is left
+    # of the box: a reserve of a quarter of it, at most 3 minutes, is kept for the tests.
+    reserve = 0.0 if args.skip_tests else min(180.0, 0.25 * args.budget_s)
+    raw_path = os.path.join(work, "raw.json")
+    env["INTERNVIT_BENCH_DEADLINE"] = str(start + args.budget_s - reserve)
+    bench = _pytest(["-q", "-rs", "benchmarks/bench_kernels.py", "benchmarks/bench_backbone.py",
+                     "benchmarks/bench_segmentation.py", f"--benchmark-json={raw_path}"], env,
+                    os.path.join(work, "bench.log"))
+
     if args.skip_tests:
         tests = {"rc": 0, "summary": "not run (--skip-tests)", "counts": {}}
     elif args.smoke:  # CI runs the whole suite anyway; exercise the path with one file
         tests = _pytest(["-q", "tests/test_fast_model.py", "-k", "compiles"], env, os.path.join(work, "tests.log"))
     else:
-        # test_tools.py checks CPU-side tooling (compile gate, smoke run): CI covers it.
-        tests = _pytest(["-q", "tests", "--ignore=tests/test_tools.py"], env, os.path.join(work, "tests.log"))
-
-    raw_path = os.path.join(work, "raw.json")
-    env["INTERNVIT_BENCH_DEADLINE"] = str(start + args.budget_s)
-    bench = _pytest(["-q", "-rs", "benchmarks/bench_kernels.py", "benchmarks/bench_backbone.py",
-                     "benchmarks/bench_segmentation.py", f"--benchmark-json={raw_path}"], env,
-                    os.path.join(work, "bench.log"))
+        # test_tools.py checks CPU-side tooling (compile gate, smoke run): CI covers it. The
+        # kernels and the fast model first: what only the GPU can show.
+        left = max(30.0, start + args.budget_s - time.time())
+        tests = _pytest(["-q", "-x", "tests/test_kernels.py", "tests/test_fast_model.py", "tests/test_graphs.py",
+                         "tests/test_model.py", "tests/test_checkpoint.py"], env, os.path.join(work, "tests.log"),
+                        timeout=left)
     raw = json.load(open(raw_path)) if os.path.exists(raw_path) else {}
     res = collect(raw)
     bench_log = open(os.path.join(work, "bench.log")).read()

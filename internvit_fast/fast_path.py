@@ -22,6 +22,7 @@ import warnings
 from typing import List, Sequence
 
 import torch
+import torch.utils.checkpoint as cp
 from torch import nn
 
 from .kernels import kernels_can_run_on, rms_norm
@@ -33,13 +34,12 @@ _warned_cpu = False
 def use_kernels(model, x: torch.Tensor) -> bool:
     """Whether this forward of ``model`` on tokens ``x`` runs the Triton kernels.
 
-    The kernels have no backward: whenever autograd needs gradients through the
-    blocks (grad enabled and the tokens or any block weight require grad), the
-    reference ops run for that call, so gradients are always the reference's.
-    Active stochastic depth (training with drop_path > 0) also runs the reference, and so
-    does autocast to a dtype other than the tokens' (an fp32 model under bf16 autocast):
-    the kernels take one dtype, autocast would mix two; so do weights sharded by FSDP
-    (each block gathers its weights only when called as a module).
+    They run for inference and for training (the fused ops have backward kernels; drop path
+    is a per-row scale inside them). The reference ops run instead for float64 models, on
+    a CPU without Triton's interpreter, under autocast to a dtype other than the tokens'
+    (an fp32 model under bf16 autocast: the kernels take one dtype, autocast would mix two),
+    and with weights sharded by FSDP (each block gathers its weights only when called as a
+    module).
     """
     global _warned_cpu
     if not model.fast:
@@ -57,10 +57,6 @@ def use_kernels(model, x: torch.Tensor) -> bool:
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.blocks.parameters())):
-        return False
-    if model.training and any(getattr(m, "drop_prob", 0.0) > 0 for m in model.blocks.modules()):
-        return False
     return True
 
 
@@ -74,11 +70,22 @@ def _sharded(model) -> bool:
 
 def forward_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, out_indices: Sequence[int]) -> List[torch.Tensor]:
     """Run ``blocks`` on tokens ``x`` through Block.forward_fused; return the residual stream
-    after each of out_indices."""
+    after each of out_indices.
+
+    Each block's last kernel also normalises the stream for the next block. With activation
+    checkpointing (``with_cp`` while gradients flow) a block recomputes from its input
+    stream alone, as the reference's blocks do: there each block computes its own norm1, so
+    only the stream is kept between blocks.
+    """
     feats = []
-    h = rms_norm(x, blocks[0].norm1.weight, blocks[0].norm1.eps)
+    checkpointed = blocks[0].with_cp and blocks[0]._trains(x)
+    h = None if checkpointed else rms_norm(x, blocks[0].norm1.weight, blocks[0].norm1.eps)
     for i, blk in enumerate(blocks):
-        x, h = blk.forward_fused(x, h, blocks[i + 1].norm1 if i + 1 < len(blocks) else None)
+        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) and not checkpointed else None
+        if checkpointed:
+            x = cp.checkpoint(lambda t, b=blk: b.forward_fused(t, None, None)[0], x, use_reentrant=False)
+        else:
+            x, h = blk.forward_fused(x, h, nxt)
         if i in out_indices:
             feats.append(x)
     return feats

@@ -11,17 +11,19 @@ the benchmarks and the tests loop over it.
 from . import gelu as _gelu, linear as _linear, qk_norm as _qk_norm, rms_norm as _rms_norm
 from ._common import INTERPRETING, kernels_can_run_on
 from .gelu import gelu_launch, gelu_ref
-from .linear import linear_gelu, linear_launch, linear_ref, linear_residual_norm
+from .linear import linear_gelu, linear_launch, linear_ref, linear_residual_norm, mlp_residual_norm
 from .qk_norm import qk_norm, qk_norm_launch, qk_norm_ref
 from .rms_norm import residual_rms_norm, residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref
 
 REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _linear.GELU_SPEC,
-            _linear.PROJ_SPEC, _linear.FC2_SPEC]
+            _linear.PROJ_SPEC, _linear.FC2_SPEC,
+            # the backward kernels
+            _rms_norm.BWD_SPEC, _linear.GELU_GRAD_SPEC]
 
 __all__ = [
     "INTERPRETING", "REGISTRY", "kernels_can_run_on",
     "gelu_launch", "gelu_ref",
-    "linear_gelu", "linear_launch", "linear_ref", "linear_residual_norm",
+    "linear_gelu", "linear_launch", "linear_ref", "linear_residual_norm", "mlp_residual_norm",
     "qk_norm", "qk_norm_launch", "qk_norm_ref",
     "residual_rms_norm", "residual_rms_norm_launch", "rms_norm", "rms_norm_launch", "rms_norm_ref",
 ]

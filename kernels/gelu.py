@@ -64,6 +64,17 @@ def gelu_launch(x: torch.Tensor, out: torch.Tensor, config: Optional[dict] = Non
     return out
 
 
+@torch.library.custom_op("internvit_fast::gelu", mutates_args=())
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) through the kernel, out of place (x contiguous)."""
+    return gelu_launch(x, torch.empty_like(x))
+
+
+@gelu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 # --- what the tools need to know (registry) ----------------------------------------------
 
 def _specs(arch: int):

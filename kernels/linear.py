@@ -39,12 +39,12 @@ import triton.language as tl
 
 from . import registry
 from ._common import INTERPRET, INTERPRETING, cast, check_tensors, num_sms, on_device, tma_ok
-from .gelu import gelu_launch, gelu_value
+from .gelu import gelu, gelu_launch, gelu_value
 from .registry import Choice, CompileSpec, KernelSpec, Shape
 from .rms_norm import residual_rms_norm, rms_norm, rms_norm_ref
 from .tuning import choice, lookup
 
-EPILOGUES = {"none": 0, "gelu": 1, "residual": 2}
+EPILOGUES = {"none": 0, "gelu": 1, "residual": 2, "gelu_grad": 3}
 
 # Launch configurations before tuning, chosen so the sm_90 build keeps its main loop free
 # of spills (python -m internvit_fast.compile_check). fc1 (N = 12800): 128x256 tiles over
@@ -72,9 +72,12 @@ CONFIGS = {
     ("interpreter", "residual"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2,
                                       num_warps=4, num_stages=1),
 }
-CONFIGS.update({("interpreter", "none"): CONFIGS["interpreter", "gelu"], ("sm90", "none"): CONFIGS["sm90", "gelu"],
-                ("sm80", "none"): CONFIGS["sm80", "gelu"], ("fp32", "none"): CONFIGS["fp32", "gelu"]})
-TUNED_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "linear"}
+for _arch in ("interpreter", "sm90", "sm80", "fp32"):  # a plain GEMM and fc1's backward: fc1's shapes
+    CONFIGS[_arch, "none"] = CONFIGS[_arch, "gelu_grad"] = CONFIGS[_arch, "gelu"]
+# fc1's backward (GELU's derivative in the epilogue, its operand a second tile): at 128x256
+# the sm_90 build spilled 184 bytes after the main loop; 128x128 does not spill.
+CONFIGS["sm90", "gelu_grad"] = CONFIGS["sm90", "residual"]
+TUNED_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "linear", "gelu_grad": "linear_gelu_grad"}
 
 
 def linear_ref(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epilogue: str = "none",
@@ -119,6 +122,12 @@ def _vector(P, cols, N):
 
 
 @triton.jit
+def gelu_grad(x):
+    """d GELU(x) / dx for the exact GELU: Phi(x) + x phi(x), in fp32 (torch's gelu_backward)."""
+    return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
 def _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
                    USE_TMA: tl.constexpr):
     if USE_TMA:
@@ -144,6 +153,8 @@ def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.c
     h = cast(h, ty).to(tl.float32)  # nn.Linear's output in the activation dtype
     if EPILOGUE == 1:
         y = gelu_value(h)
+    elif EPILOGUE == 3:
+        y = h * gelu_grad(x)  # x: the pre-activation tile
     elif EPILOGUE == 2:
         if HAS_GAMMA:
             h = cast(h * gamma[None, :], ty).to(tl.float32)  # LayerScale rounds its product
@@ -162,8 +173,10 @@ def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.c
 @triton.jit
 def _linear_kernel(
     A,  # (M, K) activations: TMA descriptor, block [BLOCK_M, BLOCK_K]; or pointer, row stride stride_am
-    W,  # (N, K) weight: descriptor, block [BLOCK_N, BLOCK_K]; or pointer, row stride stride_wn
-    X,  # (M, N) residual stream (EPILOGUE 2): descriptor, block [BLOCK_M, BLOCK_N // EPI_SPLIT]; or pointer
+    W,  # (N, K) weight: descriptor, block [BLOCK_N, BLOCK_K]; or pointer, row stride stride_wn.
+        # W_KN: (K, N) instead (a weight used transposed, as in a backward), block [BLOCK_K, BLOCK_N]
+    X,  # (M, N) residual stream (EPILOGUE 2) or pre-activation (EPILOGUE 3): descriptor,
+        # block [BLOCK_M, BLOCK_N // EPI_SPLIT]; or pointer
     Y,  # (M, N) output: descriptor like X; or pointer, row stride stride_ym
     BIAS,  # (N,) (HAS_BIAS)
     GAMMA,  # (N,) LayerScale (HAS_GAMMA)
@@ -173,11 +186,12 @@ def _linear_kernel(
     GROUP_M: tl.constexpr,  # row-tiles per group (see _tile_coords)
     EPI_SPLIT: tl.constexpr,  # 1 or 2 column sub-tiles in the epilogue
     NUM_SMS: tl.constexpr,  # the card's SMs: program p runs tiles p, p + NUM_SMS, ... (grid <= NUM_SMS)
-    EPILOGUE: tl.constexpr,  # 0 none, 1 GELU, 2 residual
+    EPILOGUE: tl.constexpr,  # 0 none, 1 GELU, 2 residual, 3 times GELU's derivative at X
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     USE_TMA: tl.constexpr,
     EVEN_K: tl.constexpr,  # pointer path: K % BLOCK_K == 0, no mask in the main loop
     DOT_PRECISION: tl.constexpr,
+    W_KN: tl.constexpr = False,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -195,7 +209,7 @@ def _linear_kernel(
             bias0 = _vector(BIAS, cols, N)
         if HAS_GAMMA:
             gamma0 = _vector(GAMMA, cols, N)
-        if EPILOGUE == 2:
+        if EPILOGUE == 2:  # (the gelu_grad operand waits for the epilogue: it would spill here)
             x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
         if EPI_SPLIT == 2:
             bias1, gamma1, x1 = cols, cols, cols
@@ -211,11 +225,14 @@ def _linear_kernel(
             # Out-of-range rows, columns and K are zero-filled by the copy engine.
             for ki in range(k_tiles):
                 a = A.load([off_m, ki * BLOCK_K])
-                b = W.load([off_n, ki * BLOCK_K])
+                if W_KN:
+                    b = W.load([ki * BLOCK_K, off_n])
+                else:
+                    b = W.load([off_n, ki * BLOCK_K]).T
                 if INTERPRET:  # the interpreter's bf16 dot is wrong; the GPU keeps bf16 MMAs
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         else:
             # Out-of-range rows/columns wrap onto valid ones for the loads (their results are
             # never stored): no padding copy and no row mask in the main loop.
@@ -223,7 +240,12 @@ def _linear_kernel(
             rn = (off_n + tl.arange(0, BLOCK_N)) % N
             rk = tl.arange(0, BLOCK_K)
             a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
-            w_ptrs = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w^T
+            if W_KN:
+                w_ptrs = W + rk[:, None].to(tl.int64) * stride_wn + rn[None, :]  # (BLOCK_K, BLOCK_N) of w
+                w_step = BLOCK_K * stride_wn
+            else:
+                w_ptrs = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w^T
+                w_step = BLOCK_K
             for ki in range(k_tiles):
                 if EVEN_K:
                     a = tl.load(a_ptrs)
@@ -237,10 +259,14 @@ def _linear_kernel(
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
+                w_ptrs += w_step
 
+        if EPILOGUE == 3:
+            x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
         if EPI_SPLIT == 2:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+            if EPILOGUE == 3:
+                x1 = _residual_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
             _finish(acc0, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
                     HAS_BIAS, HAS_GAMMA, USE_TMA)
             _finish(acc1, x1, bias1, gamma1, Y, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
@@ -273,12 +299,15 @@ def pick_config(epilogue: str, dtype: torch.dtype, device: torch.device, m: int,
 
 def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                   epilogue: str = "none", gamma: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                  pre: Optional[torch.Tensor] = None, weight_kn: bool = False) -> torch.Tensor:
     """Check the inputs, then write epilogue(a @ weight^T + bias) into ``out``.
 
-    ``epilogue``: "none", "gelu", or "residual" (needs ``residual``, the (M, N) stream;
-    ``gamma`` optional). ``config`` overrides the launch configuration (the tuner's);
-    its ``USE_TMA`` (default True) is honoured only where the card and the tensors allow.
+    ``epilogue``: "none", "gelu", "residual" (needs ``residual``, the (M, N) stream; ``gamma``
+    optional) or "gelu_grad" (times GELU's derivative at ``pre``, (M, N)). ``weight_kn``: the
+    weight is given as (K, N), i.e. ``a @ weight`` (a layer's weight in its backward).
+    ``config`` overrides the launch configuration (the tuner's); its ``USE_TMA`` (default
+    True) is honoured only where the card and the tensors allow.
     """
     op = f"linear[{epilogue}]"
     if epilogue not in EPILOGUES:
@@ -292,13 +321,21 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         named.append(("residual", residual))
     elif residual is not None or gamma is not None:
         raise ValueError(f"{op}: gamma and residual belong to the residual epilogue")
+    if epilogue == "gelu_grad":
+        if pre is None:
+            raise ValueError(f"{op}: the gelu_grad epilogue needs the pre-activation")
+        named.append(("pre", pre))
+        residual = pre  # the same operand slot of the kernel
+    elif pre is not None:
+        raise ValueError(f"{op}: pre belongs to the gelu_grad epilogue")
     check_tensors(op, *named)
     for name, t in named[1:]:
         if t.dtype != a.dtype:
             raise ValueError(f"{op}: {name} dtype {t.dtype} differs from a dtype {a.dtype}")
     if weight.ndim != 2:
-        raise ValueError(f"{op}: weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+        raise ValueError(f"{op}: weight must be 2-D ({'K, N' if weight_kn else 'N, K'}), got shape "
+                         f"{tuple(weight.shape)}")
+    k, n = weight.shape if weight_kn else weight.shape[::-1]
     if a.ndim != 2 or a.shape[1] != k:
         raise ValueError(f"{op}: a must be 2-D (M, {k}) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(a.shape)}")
@@ -306,7 +343,7 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if t is not None and t.shape != (n,):
             raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
     m = a.shape[0]
-    for name, t in (("out", out), ("residual", residual)):
+    for name, t in (("out", out), ("pre" if epilogue == "gelu_grad" else "residual", residual)):
         if t is not None and t.shape != (m, n):
             raise ValueError(f"{op}: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
     for name, t in (("a", a), ("weight", weight), ("out", out), ("residual", residual)):
@@ -326,7 +363,8 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         ad = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-        wd = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+        wd = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_K"], cfg["BLOCK_N"]] if weight_kn
+                                          else [cfg["BLOCK_N"], cfg["BLOCK_K"]])
         yd = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], sub_n])
         xd = TensorDescriptor.from_tensor(residual, [cfg["BLOCK_M"], sub_n]) if residual is not None else yd
         tensors = (ad, wd, xd, yd)
@@ -344,7 +382,7 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             m, n, k, a.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0,
             out.stride(0), NUM_SMS=sms, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None,
             HAS_GAMMA=gamma is not None, USE_TMA=use_tma, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", W_KN=weight_kn,
             # The residual epilogue promises rounding points: no FMA contraction there.
             enable_fp_fusion=epilogue != "residual", **cfg)
     return out
@@ -422,6 +460,73 @@ def _(a, weight, bias, gamma, x, norm_weight, eps=1e-6):
     return x_new, (torch.empty_like(x_new) if norm_weight is not None else x.new_empty(0))
 
 
+# --- training: the MLP half of a block, differentiable -------------------------------------
+
+@torch.library.custom_op("internvit_fast::mlp_residual_norm", mutates_args=())
+def mlp_residual_norm(h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                      b2: Optional[torch.Tensor], gamma: Optional[torch.Tensor], x: torch.Tensor,
+                      norm_weight: Optional[torch.Tensor], eps: float = 1e-6,
+                      rowscale: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_new, h_next, pre, y): x_new = x + s * gamma * fc2(GELU(fc1(h))), h_next =
+    RMSNorm(x_new) * norm_weight (empty without norm_weight); fc1's pre-activation and fc2's
+    output are returned for the backward to keep (callers ignore them). The block's MLP for
+    training: differentiable, with the GELU's derivative applied in the epilogue of the GEMM
+    that computes its gradient.
+
+    Forward: cuBLAS fc1 (its output is the pre-activation the backward needs), the GELU kernel,
+    cuBLAS fc2, residual_rms_norm (LayerScale, drop path's row scale, the next norm). Saved:
+    h, the pre-activation, fc2's output y, x_new and the weights; the GELU's output is
+    recomputed in the backward instead of kept (the reference keeps both).
+    """
+    pre = F.linear(h, w1, b1)
+    y = F.linear(gelu(pre), w2, b2)
+    x_new, h_next = residual_rms_norm(x, y, gamma, norm_weight, eps, rowscale)
+    return x_new, h_next, pre, y
+
+
+@mlp_residual_norm.register_fake
+def _(h, w1, b1, w2, b2, gamma, x, norm_weight, eps=1e-6, rowscale=None):
+    x_new = x.new_empty(x.shape)
+    return (x_new, torch.empty_like(x_new) if norm_weight is not None else x.new_empty(0),
+            h.new_empty((*h.shape[:-1], w1.shape[0])), x.new_empty(x.shape))
+
+
+def _mlp_setup(ctx, inputs, output):
+    h, w1, b1, w2, b2, gamma, x, norm_weight, eps, rowscale = inputs
+    x_new, _, pre, y = output
+    ctx.save_for_backward(h, w1, w2, pre, y, gamma, x_new, norm_weight, rowscale)
+    ctx.eps, ctx.has_b1, ctx.has_b2 = eps, b1 is not None, b2 is not None
+
+
+@torch.library.custom_op("internvit_fast::linear_gelu_grad", mutates_args=())
+def linear_gelu_grad(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """(dy @ w2) * GELU'(pre) for dy (M, C), fc2's weight w2 (C, H), pre (M, H): the gradient of
+    fc1's output, the derivative applied in the GEMM's epilogue."""
+    return linear_launch(dy, w2, None, torch.empty_like(pre), "gelu_grad", pre=pre, weight_kn=True)
+
+
+@linear_gelu_grad.register_fake
+def _(dy, w2, pre):
+    return torch.empty_like(pre)
+
+
+def _mlp_backward(ctx, dx_new, dh_next, _dpre, _dy):
+    h, w1, w2, pre, y, gamma, x_new, norm_weight, rowscale = ctx.saved_tensors
+    from .rms_norm import residual_backward
+    dx, dy, dgamma, dnw = residual_backward(x_new, y, gamma, norm_weight, rowscale, ctx.eps, dx_new, dh_next)
+    dy2, pre2, h2 = _rows(dy), _rows(pre), _rows(h)
+    dpre = linear_gelu_grad(dy2, w2, pre2)
+    u = gelu(pre2)  # recomputed, not kept
+    dw2, db2 = dy2.t() @ u, dy2.sum(0) if ctx.has_b2 else None
+    dh = (dpre @ w1).view(h.shape)
+    dw1, db1 = dpre.t() @ h2, dpre.sum(0) if ctx.has_b1 else None
+    return dh, dw1, db1, dw2, db2, dgamma, dx, dnw, None, None
+
+
+mlp_residual_norm.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
 # --- what the tools need to know (registry) ----------------------------------------------
 
 def _candidates(epilogue: str):
@@ -443,8 +548,9 @@ def _candidates(epilogue: str):
 
 
 def _gemm_dims(spec_epilogue: str, variant: str, s: Shape) -> Tuple[int, int]:
-    """(N, K) of the layer: fc1 (hidden, width), proj (width, width), fc2 (width, hidden)."""
-    if spec_epilogue == "gelu":
+    """(N, K) of the GEMM: fc1 (hidden, width), proj (width, width), fc2 (width, hidden); fc1's
+    backward through fc2, (M, width) @ (width, hidden): (hidden, width)."""
+    if spec_epilogue in ("gelu", "gelu_grad"):
         return s.hidden, s.width
     return (s.width, s.width) if variant == "proj" else (s.width, s.hidden)
 
@@ -466,7 +572,7 @@ def _compile_spec(epilogue: str, variant: str, shape: Shape, arch: int, cfg: dic
                 stride_ym=n)
     constexprs = dict(cfg, NUM_SMS=132 if arch >= 90 else 108, EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=True,
                       HAS_GAMMA=epilogue == "residual", USE_TMA=use_tma, EVEN_K=k % bk == 0,
-                      DOT_PRECISION="ieee" if shape.dtype == torch.float32 else "tf32")
+                      DOT_PRECISION="ieee" if shape.dtype == torch.float32 else "tf32", W_KN=False)
     options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=epilogue != "residual")
     return CompileSpec(TUNED_NAME[epilogue], _linear_kernel, args, constexprs, options,
                        f"{prefix}{variant or 'fc1'} {shape.label()}", mma=True)
@@ -585,3 +691,52 @@ def _residual_spec(variant: str) -> KernelSpec:
 
 PROJ_SPEC = _residual_spec("proj")
 FC2_SPEC = _residual_spec("fc2")
+
+
+# --- fc1's backward GEMM: what the tools need to know ----------------------------------------
+
+def _gelu_grad_inputs(s: Shape, device) -> dict:
+    r = registry.rand
+    return dict(dy=r((s.rows, s.width), s.dtype, device), w2=r((s.width, s.hidden), s.dtype, device, s.hidden ** -0.5),
+                pre=r((s.rows, s.hidden), s.dtype, device, 2.0))
+
+
+def _gelu_grad_ref(i: dict) -> dict:
+    """The eager ops: fc2's input gradient (a matmul in the activation dtype), then GELU's backward."""
+    return {"dpre": torch.ops.aten.gelu_backward(i["dy"] @ i["w2"], i["pre"])}
+
+
+def _gelu_grad_specs(arch: int):
+    a = "sm90" if arch >= 90 else "sm80"
+    out = []
+    for shape in registry.segmentation_shapes():
+        cfg = dict(CONFIGS["fp32" if shape.dtype == torch.float32 else a, "gelu_grad"])
+        spec = _compile_spec("gelu_grad", "", shape, arch, cfg)
+        # a (M, C) @ w2 (C, 4C): the weight is (K, N), read as it lies
+        el = registry.DTYPE_NAMES[shape.dtype]
+        if spec.constexprs["USE_TMA"]:
+            spec.args["W"] = f"tensordesc<{el}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>"
+        spec.args.update(stride_wn=shape.hidden)
+        spec.constexprs.update(W_KN=True, HAS_BIAS=False)
+        spec.label = "fc1-backward " + shape.label()
+        out.append(spec)
+    return out
+
+
+GELU_GRAD_SPEC = KernelSpec(
+    name="linear_gelu_grad",
+    math="d pre = (dy @ w2) * GELU'(pre): fc2's input gradient with GELU's derivative in the epilogue",
+    promises_rounding=False,
+    make_inputs=_gelu_grad_inputs,
+    new_outputs=lambda i: {"dpre": registry.nan_like(i["pre"])},
+    launch=lambda i, o, cfg: linear_launch(i["dy"], i["w2"], None, o["dpre"], "gelu_grad", pre=i["pre"],
+                                           config=cfg, weight_kn=True),
+    reference=_gelu_grad_ref,
+    eager=_gelu_grad_ref,
+    compile_specs=_gelu_grad_specs,
+    candidates=_candidates("gelu"),
+    tuned_shape=lambda s: {"M": s.rows, "N": s.hidden, "K": s.width, "dtype": registry.DTYPE_NAMES[s.dtype]},
+    # fc1's GEMM shape, plus the pre-activation it reads (and no bias)
+    traffic=lambda s, cfg=None: tuple(b + s.rows * s.hidden * s.el for b in _traffic("gelu", "")(s, cfg)),
+    flops=lambda s: 2 * s.rows * s.hidden * s.width,
+)

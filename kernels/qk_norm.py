@@ -10,6 +10,7 @@ v is not touched: attention reads it in place as a strided view of ``qkv``. ``ou
 tensor attention takes without a copy. Both rows are loaded before anything is stored
 (a store could alias a later load, so the compiler would not reorder them itself);
 built without FMA contraction, like every kernel that promises upstream's rounding.
+Backward: rms_norm.py's backward kernel on the q and k columns (saved: qkv and the weights).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import triton.language as tl
 from . import registry
 from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
 from .registry import KernelSpec, Shape
-from .rms_norm import LAUNCH_OPTIONS, _norm_candidates, rms_norm_ref
+from .rms_norm import LAUNCH_OPTIONS, _norm_candidates, rms_norm_backward, rms_norm_ref
 from .tuning import row_config
 
 OP = "qk_norm"
@@ -98,6 +99,25 @@ def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
 @qk_norm.register_fake
 def _(qkv, q_weight, k_weight, eps=1e-6):
     return qkv.new_empty((2,) + tuple(qkv.shape[:-1]) + (qkv.shape[-1] // 3,))
+
+
+def _setup(ctx, inputs, output):
+    qkv, q_weight, k_weight, eps = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight)
+    ctx.eps = eps
+
+
+def _backward(ctx, dout):
+    """The RMSNorm backward kernel on the q and k columns of qkv; v's columns get zeros here
+    (attention's gradient for v reaches qkv through its view)."""
+    qkv, q_weight, k_weight = ctx.saved_tensors
+    c = qkv.shape[-1] // 3
+    dq, _, dwq, _ = rms_norm_backward(qkv[..., :c], q_weight, dout[0], ctx.eps)
+    dk, _, dwk, _ = rms_norm_backward(qkv[..., c:2 * c], k_weight, dout[1], ctx.eps)
+    return torch.cat([dq, dk, torch.zeros_like(dq)], dim=-1), dwq, dwk, None
+
+
+qk_norm.register_autograd(_backward, setup_context=_setup)
 
 
 # --- what the tools need to know (registry) ----------------------------------------------

@@ -1,8 +1,9 @@
 """RMSNorm, optionally after a LayerScale residual add: one row kernel, two ops.
 
     rms_norm:           h     = round(x / sqrt(mean(x^2) + eps)) * w
-    residual_rms_norm:  x_new = round(x + round(gamma * y))
-                        h     = round(x_new / sqrt(mean(x_new^2) + eps)) * w   (w optional)
+    residual_rms_norm:  x_new = round(x + round(round(gamma * y) * s))     s: drop path's per-row
+                        h     = round(x_new / sqrt(mean(x_new^2) + eps)) * w   scale (optional;
+                                                                                w optional)
 
 ``round`` is to the activation dtype, at the points where upstream's eager ops round
 (LayerScale's product, the residual sum, the normalised row before the weight), so the
@@ -13,6 +14,15 @@ Statistics are in fp32. One program per row; every load is issued before the fir
 
 ``residual_rms_norm`` is the unfused alternative of the proj/fc2 GEMM's residual
 epilogue (cuBLAS, then this); ``rms_norm`` follows that epilogue (see linear.py).
+
+Backward (``_rms_norm_bwd_kernel``, registered with torch.library for both ops): the
+gradient autograd computes through the reference ops, with the same rounding points
+(the gradient of the normalised row rounded as autograd rounds it in the activation dtype,
+the two gradients of x_new summed in that dtype, drop path and LayerScale rounded as their
+products are). Each program handles a run of rows and keeps fp32 partial sums of the
+weight's and gamma's gradients; ``sum(0)`` over the programs finishes them (no atomics).
+Saved for backward: x_new (the input x for the plain norm), y and the row scale when
+present, the weights: the tensors the reference's autograd keeps, minus its fp32 copies.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
+from ._common import as_rows, cast, check_row_width, check_tensors, num_sms, on_device, rms_scale_row
 from .registry import KernelSpec, Shape
 from .tuning import row_config
 
@@ -31,12 +41,17 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # the rounding points above must s
 
 
 def rms_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
-                 residual: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None):
+                 residual: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
+                 rowscale: Optional[torch.Tensor] = None):
     """Plain torch with upstream's rounding. Without ``residual``: RMSNorm(x) * weight.
-    With it: (x_new, h) where x_new = x + gamma * residual and h = RMSNorm(x_new) * weight
-    (h is None without weight)."""
+    With it: (x_new, h) where x_new = x + rowscale * gamma * residual (LayerScale, then drop
+    path's per-row scale of shape x.shape[:-1]) and h = RMSNorm(x_new) * weight (h is None
+    without weight)."""
     if residual is not None:
-        x = x + (residual if gamma is None else (residual.float() * gamma.float()).to(residual.dtype))
+        p = residual if gamma is None else (residual.float() * gamma.float()).to(residual.dtype)
+        if rowscale is not None:
+            p = p * rowscale.unsqueeze(-1)
+        x = x + p
     h = None
     if weight is not None:
         f = x.float()
@@ -52,12 +67,14 @@ def _rms_norm_kernel(
     W,  # (N,) RMSNorm weight (HAS_NORM)
     X_OUT,  # (rows, N) new residual stream (HAS_RESIDUAL)
     H_OUT,  # (rows, N) normalised row (HAS_NORM)
+    S,  # (rows,) drop path's per-row scale of the sub-layer output (HAS_ROWSCALE)
     stride_x, stride_y, stride_xo, stride_ho,  # row strides; columns are unit-stride
     N, eps,
     BLOCK_N: tl.constexpr,  # power of two >= N
     HAS_RESIDUAL: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    HAS_ROWSCALE: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -70,12 +87,16 @@ def _rms_norm_kernel(
         g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROWSCALE:
+        s = tl.load(S + row).to(tl.float32)
     if HAS_RESIDUAL:
         ty = X_OUT.dtype.element_ty
         if HAS_GAMMA:
             # bf16/fp16 products are exact in fp32: one rounding matches torch both with and
             # without layerscale_force_fp32.
             y = cast(y * g, ty).to(tl.float32)
+        if HAS_ROWSCALE:
+            y = cast(y * s, ty).to(tl.float32)
         x_new = cast(x + y, ty)
         tl.store(X_OUT + row * stride_xo + cols, x_new, mask=mask)
         x = x_new.to(tl.float32)
@@ -84,7 +105,7 @@ def _rms_norm_kernel(
         tl.store(H_OUT + row * stride_ho + cols, cast(h, H_OUT.dtype.element_ty), mask=mask)
 
 
-def _launch(op: str, x2, y2, g, w, xo, ho, eps, n, config):
+def _launch(op: str, x2, y2, g, w, xo, ho, eps, n, config, s=None):
     rows = x2.shape[0]
     if not rows:
         return
@@ -94,11 +115,121 @@ def _launch(op: str, x2, y2, g, w, xo, ho, eps, n, config):
         _rms_norm_kernel[(rows,)](
             x2, y2 if y2 is not None else placeholder, g if g is not None else placeholder,
             w if w is not None else placeholder, xo if xo is not None else placeholder,
-            ho if ho is not None else placeholder,
+            ho if ho is not None else placeholder, s if s is not None else placeholder,
             x2.stride(0), y2.stride(0) if y2 is not None else 0, xo.stride(0) if xo is not None else 0,
             ho.stride(0) if ho is not None else 0, n, eps,
             HAS_RESIDUAL=y2 is not None, HAS_GAMMA=g is not None, HAS_NORM=w is not None,
-            **launch, **LAUNCH_OPTIONS)
+            HAS_ROWSCALE=s is not None, **launch, **LAUNCH_OPTIONS)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    X,  # (rows, N) what was normalised: x (plain) or x_new (residual), as saved
+    W,  # (N,) norm weight (HAS_NORM)
+    DH,  # (rows, N) gradient of h (HAS_NORM)
+    DXN,  # (rows, N) gradient of x_new from its other uses (HAS_RESIDUAL)
+    Y,  # (rows, N) the sub-layer output (HAS_RESIDUAL and HAS_GAMMA: for gamma's gradient)
+    G,  # (N,) LayerScale gamma (HAS_GAMMA)
+    S,  # (rows,) drop path's row scale (HAS_ROWSCALE)
+    DX,  # (rows, N) out: gradient of x (the stream, or the plain norm's input)
+    DY,  # (rows, N) out: gradient of y (HAS_RESIDUAL)
+    DW_PART, DG_PART,  # (programs, N) fp32 out: this program's partial sums for w and gamma
+    rows, N, eps,
+    stride_x, stride_dh, stride_dxn, stride_y, stride_dx, stride_dy,  # row strides, unit columns
+    rows_per_program,
+    BLOCK_N: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    ty = DX.dtype.element_ty
+    if HAS_NORM:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dg_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for i in range(rows_per_program):
+        row = first + i
+        if row < rows:
+            r64 = row.to(tl.int64)
+            x = tl.load(X + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                dh = tl.load(DH + r64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                dxn_in = tl.load(DXN + r64 * stride_dxn + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_GAMMA:
+                    y = tl.load(Y + r64 * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_ROWSCALE:
+                    s = tl.load(S + r64).to(tl.float32)
+            if HAS_NORM:
+                rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+                n = cast(x * rstd, ty).to(tl.float32)  # the normalised row, as the forward rounded it
+                dw_acc += dh * n
+                dn = cast(dh * w, ty).to(tl.float32)  # autograd's gradient of n, in the activation dtype
+                dx = rstd * dn - x * (rstd * rstd * rstd) * (tl.sum(dn * x, axis=0) / N)
+                dx = cast(dx, ty).to(tl.float32)  # leaves the fp32 part through .float()'s backward
+            else:
+                dx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if HAS_RESIDUAL:
+                dx = cast(dx + dxn_in, ty).to(tl.float32)  # x_new's two gradients, summed in dtype
+                dp = dx
+                if HAS_ROWSCALE:
+                    dp = cast(dp * s, ty).to(tl.float32)
+                if HAS_GAMMA:
+                    dg_acc += dp * y
+                    dy = cast(dp * g, ty)
+                else:
+                    dy = cast(dp, ty)
+                tl.store(DY + r64 * stride_dy + cols, dy, mask=mask)
+            tl.store(DX + r64 * stride_dx + cols, cast(dx, ty), mask=mask)
+    if HAS_NORM:
+        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+    if HAS_GAMMA:
+        tl.store(DG_PART + pid.to(tl.int64) * N + cols, dg_acc, mask=mask)
+
+
+def _bwd_programs(device: torch.device, rows: int) -> int:
+    """Programs of the backward kernel: enough to fill the card, few enough that the partial
+    sums stay small (four per SM; the interpreter: a few, each with several rows)."""
+    return max(1, min(rows, 4 * num_sms(device)))
+
+
+def rms_norm_bwd_launch(x, weight, dh, eps, dx, dxn=None, y=None, gamma=None, rowscale=None, dy=None,
+                        config=None):
+    """Gradients of rms_norm (``dxn`` None) or residual_rms_norm: writes dx (and dy), returns
+    (dweight, dgamma) as fp32 sums, None where absent. ``x`` is what was normalised (x_new)."""
+    n = x.shape[-1]
+    rows_x = as_rows("rms_norm_backward", "x", x, n)
+    rows = rows_x.shape[0]
+    views = {name: as_rows("rms_norm_backward", name, t, n) if t is not None else None
+             for name, t in (("dh", dh), ("dxn", dxn), ("y", y), ("dx", dx), ("dy", dy))}
+    programs = _bwd_programs(x.device, rows)
+    per = triton.cdiv(rows, programs) if rows else 1
+    programs = triton.cdiv(rows, per) if rows else 0
+    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if weight is not None else None
+    dg_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if gamma is not None else None
+    if programs:
+        launch = row_config("rms_norm_backward", x, rows, n, config)
+        ph = rows_x
+        with on_device(x):
+            _rms_norm_bwd_kernel[(programs,)](
+                rows_x, weight if weight is not None else ph, views["dh"] if dh is not None else ph,
+                views["dxn"] if dxn is not None else ph, views["y"] if y is not None else ph,
+                gamma if gamma is not None else ph, rowscale.reshape(-1) if rowscale is not None else ph,
+                views["dx"], views["dy"] if dy is not None else ph,
+                dw_part if dw_part is not None else ph, dg_part if dg_part is not None else ph,
+                rows, n, eps, rows_x.stride(0), *(views[k].stride(0) if views[k] is not None else 0
+                                                   for k in ("dh", "dxn", "y", "dx", "dy")),
+                per, HAS_NORM=weight is not None, HAS_RESIDUAL=dxn is not None,
+                HAS_GAMMA=gamma is not None, HAS_ROWSCALE=rowscale is not None, **launch, **LAUNCH_OPTIONS)
+    dw = dw_part.sum(0) if dw_part is not None and programs else (
+        torch.zeros(n, device=x.device) if weight is not None else None)
+    dg = dg_part.sum(0) if dg_part is not None and programs else (
+        torch.zeros(n, device=x.device) if gamma is not None else None)
+    return dw, dg
 
 
 # --- plain RMSNorm ----------------------------------------------------------------------
@@ -138,6 +269,47 @@ def _(x, weight, eps=1e-6):
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
 
 
+@torch.library.custom_op("internvit_fast::rms_norm_backward", mutates_args=())
+def rms_norm_backward(x: torch.Tensor, weight: Optional[torch.Tensor], dh: Optional[torch.Tensor], eps: float,
+                      dxn: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                      gamma: Optional[torch.Tensor] = None, rowscale: Optional[torch.Tensor] = None,
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dweight, dgamma) of rms_norm (``dxn`` None) or residual_rms_norm, through the
+    backward kernel; absent gradients are empty tensors. A custom op, so backward graphs
+    that torch.compile traces hold it whole."""
+    if weight is not None and weight.dtype != x.dtype:
+        raise NotImplementedError(f"rms_norm backward: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dy = torch.empty_like(dx) if dxn is not None else x.new_empty(0)
+    dw, dg = rms_norm_bwd_launch(x, weight, dh.contiguous() if dh is not None else None, eps, dx,
+                                 dxn=dxn.contiguous() if dxn is not None else None, y=y, gamma=gamma,
+                                 rowscale=rowscale, dy=dy if dxn is not None else None)
+    return (dx, dy, dw.to(weight.dtype) if weight is not None else x.new_empty(0),
+            dg.to(gamma.dtype) if gamma is not None else x.new_empty(0))
+
+
+@rms_norm_backward.register_fake
+def _(x, weight, dh, eps, dxn=None, y=None, gamma=None, rowscale=None):
+    return (x.new_empty(x.shape), x.new_empty(x.shape) if dxn is not None else x.new_empty(0),
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty(0),
+            gamma.new_empty(gamma.shape) if gamma is not None else x.new_empty(0))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_backward(ctx, dh):
+    x, weight = ctx.saved_tensors
+    dx, _, dw, _ = rms_norm_backward(x, weight, dh, ctx.eps)
+    return dx, dw, None
+
+
+rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
 # --- residual + LayerScale + RMSNorm ----------------------------------------------------
 
 RES_OP = "residual_rms_norm"
@@ -145,9 +317,16 @@ RES_OP = "residual_rms_norm"
 
 def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                              weight: Optional[torch.Tensor], eps: float, x_out: torch.Tensor,
-                             h_out: Optional[torch.Tensor], config: Optional[dict] = None) -> None:
-    """Check the inputs, then write x_new into ``x_out`` and, with ``weight``, h into ``h_out``."""
+                             h_out: Optional[torch.Tensor], config: Optional[dict] = None,
+                             rowscale: Optional[torch.Tensor] = None) -> None:
+    """Check the inputs, then write x_new into ``x_out`` and, with ``weight``, h into ``h_out``.
+    ``rowscale`` (x.shape[:-1]) scales each row of gamma * y (drop path)."""
     op = RES_OP
+    if rowscale is not None:
+        check_tensors(op, ("rowscale", rowscale))
+        if tuple(rowscale.shape) != tuple(x.shape[:-1]) or rowscale.dtype != x.dtype:
+            raise ValueError(f"{op}: rowscale must be {tuple(x.shape[:-1])} {x.dtype}, "
+                             f"got {tuple(rowscale.shape)} {rowscale.dtype}")
     if (weight is None) != (h_out is None):
         raise ValueError(f"{op}: pass weight and h_out together, or neither")
     named = [("x", x), ("y", y), ("x_out", x_out)]
@@ -168,31 +347,58 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     x2, y2, xo = (as_rows(op, nm, t, n) for nm, t in (("x", x), ("y", y), ("x_out", x_out)))
     ho = as_rows(op, "h_out", h_out, n) if h_out is not None else None
     _launch(op, x2, y2, gamma.contiguous() if gamma is not None else None,
-            weight.contiguous() if weight is not None else None, xo, ho, eps, n, config)
+            weight.contiguous() if weight is not None else None, xo, ho, eps, n, config,
+            rowscale.contiguous().reshape(-1) if rowscale is not None else None)
 
 
 @torch.library.custom_op("internvit_fast::residual_rms_norm", mutates_args=())
 def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                       weight: Optional[torch.Tensor], eps: float = 1e-6,
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x + gamma * y, RMSNorm(x + gamma * y) * weight); the second is empty without weight."""
+                      rowscale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x + s * gamma * y, RMSNorm(that) * weight); the second is empty without weight."""
     x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h_out = torch.empty_like(x_out) if weight is not None else x.new_empty(0)
-    residual_rms_norm_launch(x, y, gamma, weight, eps, x_out, h_out if weight is not None else None)
+    residual_rms_norm_launch(x, y, gamma, weight, eps, x_out, h_out if weight is not None else None,
+                             rowscale=rowscale)
     return x_out, h_out
 
 
 @residual_rms_norm.register_fake
-def _(x, y, gamma, weight, eps=1e-6):
+def _(x, y, gamma, weight, eps=1e-6, rowscale=None):
     x_out = x.new_empty(x.shape)
     return x_out, (torch.empty_like(x_out) if weight is not None else x.new_empty(0))
+
+
+def _res_setup(ctx, inputs, output):
+    x, y, gamma, weight, eps, rowscale = inputs
+    ctx.save_for_backward(output[0], y if gamma is not None else None, gamma, weight, rowscale)
+    ctx.eps = eps
+
+
+def residual_backward(x_new, y, gamma, weight, rowscale, eps, dx_new, dh):
+    """Gradients (dx, dy, dgamma, dweight) of residual_rms_norm's outputs (x_new, h); None
+    where a parameter is absent. Also the MLP op's last step (linear.py)."""
+    dx_new = dx_new if dx_new is not None else torch.zeros_like(x_new)
+    if weight is not None and dh is None:
+        dh = torch.zeros_like(x_new)
+    dx, dy, dw, dg = rms_norm_backward(x_new, weight, dh if weight is not None else None, eps, dx_new, y, gamma,
+                                       rowscale)
+    return dx, dy, dg if gamma is not None else None, dw if weight is not None else None
+
+
+def _res_backward(ctx, dx_new, dh):
+    x_new, y, gamma, weight, rowscale = ctx.saved_tensors
+    return residual_backward(x_new, y, gamma, weight, rowscale, ctx.eps, dx_new, dh) + (None, None)
+
+
+residual_rms_norm.register_autograd(_res_backward, setup_context=_res_setup)
 
 
 # --- what the tools need to know (registry) ----------------------------------------------
 
 def _row_args(shape: Shape) -> dict:
     p, n = registry.POINTER[shape.dtype], shape.width
-    return dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, stride_x=n, stride_y=n, stride_xo=n, stride_ho=n,
+    return dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, S=p, stride_x=n, stride_y=n, stride_xo=n, stride_ho=n,
                 N=n, eps=1e-6)
 
 
@@ -228,8 +434,8 @@ SPEC = KernelSpec(
     launch=lambda i, o, cfg: rms_norm_launch(i["x"], i["weight"], i["eps"], o["h"], cfg),
     reference=lambda i: {"h": rms_norm_ref(i["x"], i["weight"], i["eps"])},
     eager=lambda i: rms_norm_ref(i["x"], i["weight"], i["eps"]),
-    compile_specs=registry.row_specs(OP, _rms_norm_kernel, dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True),
-                                     _row_args, LAUNCH_OPTIONS),
+    compile_specs=registry.row_specs(OP, _rms_norm_kernel, dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True,
+                                                                HAS_ROWSCALE=False), _row_args, LAUNCH_OPTIONS),
     candidates=_norm_candidates,
     tuned_shape=_row_shape,
     traffic=lambda s, cfg=None: (2 * s.rows * s.width * s.el + s.width * s.el,) * 2,
@@ -238,10 +444,11 @@ SPEC = KernelSpec(
 
 def _res_specs(arch: int):
     out = []
-    for flags in ({"HAS_GAMMA": True, "HAS_NORM": True}, {"HAS_GAMMA": False, "HAS_NORM": True},
-                  {"HAS_GAMMA": True, "HAS_NORM": False}, {"HAS_GAMMA": False, "HAS_NORM": False}):
-        out += registry.row_specs(RES_OP, _rms_norm_kernel, dict(HAS_RESIDUAL=True, **flags), _row_args,
-                                  LAUNCH_OPTIONS)(arch)
+    for gamma in (True, False):
+        for norm in (True, False):
+            for rowscale in (False, True):  # drop path (training)
+                flags = dict(HAS_RESIDUAL=True, HAS_GAMMA=gamma, HAS_NORM=norm, HAS_ROWSCALE=rowscale)
+                out += registry.row_specs(RES_OP, _rms_norm_kernel, flags, _row_args, LAUNCH_OPTIONS)(arch)
     return out
 
 
@@ -269,3 +476,69 @@ RES_SPEC = KernelSpec(
 
 __all__ = ["rms_norm", "rms_norm_launch", "rms_norm_ref", "residual_rms_norm", "residual_rms_norm_launch",
            "SPEC", "RES_SPEC"]
+
+
+# --- backward: what the tools need to know --------------------------------------------------
+
+BWD_OP = "rms_norm_backward"
+
+
+def _bwd_args(shape: Shape) -> dict:
+    p, n = registry.POINTER[shape.dtype], shape.width
+    return dict(X=p, W=p, DH=p, DXN=p, Y=p, G=p, S=p, DX=p, DY=p, DW_PART="*fp32", DG_PART="*fp32",
+                rows=shape.rows, N=n, eps=1e-6, stride_x=n, stride_dh=n, stride_dxn=n, stride_y=n, stride_dx=n,
+                stride_dy=n, rows_per_program=10)
+
+
+def _bwd_specs(arch: int):
+    out = []
+    for flags in (dict(HAS_NORM=True, HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_ROWSCALE=False),  # rms_norm, qk_norm
+                  dict(HAS_NORM=True, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=False),
+                  dict(HAS_NORM=True, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=True),
+                  dict(HAS_NORM=False, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=True)):
+        specs = registry.row_specs(BWD_OP, _rms_norm_bwd_kernel, flags, _bwd_args, LAUNCH_OPTIONS)(arch)
+        out += [s for s in specs if "M=1297" in s.label or "tuned" in s.label]  # rows only bound a loop
+    return out
+
+
+def _bwd_inputs(shape: Shape, device) -> dict:
+    inp = _res_inputs(shape, device)
+    inp["rowscale"] = (torch.rand(shape.rows, device=device) > 0.3).to(shape.dtype) * 1.25
+    inp["dx_new"] = registry.rand((shape.rows, shape.width), shape.dtype, device)
+    inp["dh"] = registry.rand((shape.rows, shape.width), shape.dtype, device)
+    return inp
+
+
+def _bwd_reference(i: dict) -> dict:
+    """Autograd through the plain-torch ops (their rounding points), the kernel's gradients."""
+    with torch.inference_mode(False), torch.enable_grad():  # also when a benchmark runs in inference mode
+        leaves = [t.detach().clone().requires_grad_() for t in (i["x"], i["y"], i["gamma"], i["weight"])]
+        x_new, h = rms_norm_ref(leaves[0], leaves[3], i["eps"], leaves[1], leaves[2], i["rowscale"])
+        grads = torch.autograd.grad((x_new, h), leaves, (i["dx_new"].clone(), i["dh"].clone()))
+    return dict(zip(("dx", "dy", "dgamma", "dweight"), grads))
+
+
+def _bwd_run(i: dict, o: dict, cfg) -> None:
+    x_new, _ = rms_norm_ref(i["x"], i["weight"], i["eps"], i["y"], i["gamma"], i["rowscale"])
+    dw, dg = rms_norm_bwd_launch(x_new, i["weight"], i["dh"], i["eps"], o["dx"], dxn=i["dx_new"], y=i["y"],
+                                 gamma=i["gamma"], rowscale=i["rowscale"], dy=o["dy"], config=cfg)
+    o["dgamma"].copy_(dg)
+    o["dweight"].copy_(dw)
+
+
+BWD_SPEC = KernelSpec(
+    name=BWD_OP,
+    math="gradients of residual_rms_norm (and of rms_norm and qk_norm: the same kernel without the residual)",
+    promises_rounding=True,
+    make_inputs=_bwd_inputs,
+    new_outputs=lambda i: {"dx": registry.nan_like(i["x"]), "dy": registry.nan_like(i["x"]),
+                           "dgamma": registry.nan_like(i["gamma"]), "dweight": registry.nan_like(i["weight"])},
+    launch=_bwd_run,
+    reference=_bwd_reference,
+    eager=_bwd_reference,
+    compile_specs=_bwd_specs,
+    candidates=_norm_candidates,
+    tuned_shape=_row_shape,
+    # reads x_new, y, dx_new, dh; writes dx, dy (the partial sums are small)
+    traffic=lambda s, cfg=None: (6 * s.rows * s.width * s.el,) * 2,
+)

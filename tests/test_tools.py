@@ -159,7 +159,7 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     res = json.load(open(path))
     assert res["tuning"]["rc"] == 0
     checks = {c["check"] for c in res["checks"]}
-    assert checks == {"full_size_parity", "profile", "segmentation"}
+    assert checks == {"full_size_parity", "profile", "segmentation", "training"}
     assert "Whole-image slide inference" in open(path[:-5] + ".md").read()
     assert res["versions"]["torch"] and res["ceilings"]["copy_gbs"] > 0
     kernels = {(k["kernel"], k["impl"]) for k in res["kernels"]}
