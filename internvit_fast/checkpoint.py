@@ -3,17 +3,18 @@
 Accepted files:
 - torch files (.pth/.pt/.bin): a bare state dict, or one wrapped under 'module', 'model'
   or 'state_dict' (mmengine/MMSegmentation checkpoints with their 'meta', 'message_hub'
-  and optimizer state too). Read with ``weights_only=True``; a file that also pickles
-  other objects (mmengine's HistoryBuffer, numpy scalars) is read again by an unpickler
-  that builds only torch's allow-listed types (tensors, containers, dtypes) and stands an
-  inert placeholder in for anything else, so no code from the file runs. Those objects
-  are skipped with a log line. Unrestricted unpickling is never used;
+  and optimizer state too). Read by torch's weights-only unpickler; objects it does not
+  build (mmengine's HistoryBuffer, numpy scalars) become inert placeholders, logged
+  (``safe_pickle``), so no code from the file runs. Unrestricted unpickling is never used,
+  and legacy (non-zip) files are read weights-only;
 - .safetensors files (read with the ``safetensors`` package, tensor by tensor);
 - sharded sets as transformers writes them: ``*.safetensors.index.json`` or
   ``pytorch_model.bin.index.json`` with their shards, or the folder holding one of these
   (or a single .safetensors / .bin file);
 - a folder written by torch.distributed.checkpoint (FSDP training's sharded checkpoints,
-  ``.metadata`` plus one file per process), read whole in one process.
+  ``.metadata`` plus one file per process), read whole in one process by this module's own
+  reader: the metadata through a restricted unpickler, each tensor chunk weights-only,
+  non-tensor entries skipped with a log line.
 
 Key layouts: upstream's segmentation backbone keys, the InternViT layout published with
 InternVL (``embeddings.*``, ``encoder.layers.N.*``), each under any prefix that is the
@@ -23,7 +24,8 @@ prefix is the one under which the most keys match the model, and the choice is l
 
 Nothing is copied before every check has passed: keys (strict), shapes (after the
 position table and patch kernel are resized, as upstream does at load), and that every
-tensor is a dense floating-point CPU tensor with data (not meta, sparse or quantized).
+tensor is a plain, dense floating-point CPU tensor with data (not meta, sparse, quantized
+or a tensor subclass).
 Tensors are then read, converted on the CPU and copied into the model one at a time, so
 a checkpoint never sits in memory twice.
 """
@@ -32,15 +34,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
-import types
 from typing import Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import safe_pickle
 from .posembed import resize_pos_table
 
 logger = logging.getLogger("internvit_fast")
@@ -51,6 +52,7 @@ _ST_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+FPN_PREFIXES = ("up1.", "up2.", "up3.", "up4.")  # the segmentation FPN: in no pretrained ViT file
 
 
 class CheckpointError(ValueError):
@@ -98,79 +100,25 @@ def read_safetensors(path: str) -> Dict[str, LazyTensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
-class _Skipped:
-    """Stands in for an object a checkpoint pickles that is not a tensor or a container:
-    built without running any of the file's code, holding nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-def _skipping_pickle_module(skipped: set):
-    allowed = _allowed_globals()
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            obj = allowed.get(f"{module}.{name}")
-            if obj is not None:
-                return obj
-            skipped.add(f"{module}.{name}")
-            return _Skipped
-
-    mod = types.ModuleType("internvit_fast_skipping_pickle")
-    mod.Unpickler = Unpickler
-    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
-    mod.__name__ = "pickle"  # torch.load reads it for its own messages only
-    return mod
-
-
-def _allowed_globals() -> dict:
-    """What torch's weights-only unpickler builds (tensors, storages, dtypes, containers),
-    plus anything the user allow-listed with torch.serialization.add_safe_globals."""
-    from torch import _weights_only_unpickler as w
-    allowed = dict(w._get_allowed_globals())
-    for g in torch.serialization.get_safe_globals():
-        obj = g[0] if isinstance(g, tuple) else g
-        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
-    return allowed
-
-
-def _torch_load(path: str, **kw):
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, **kw)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise
-    # Old (non-zip) serialisation cannot be memory-mapped: read it whole.
-    logger.info("%s: legacy torch format, loading without mmap", path)
-    return torch.load(path, map_location="cpu", **kw)
-
-
-def _read_torch(path: str) -> Mapping:
+def _read_torch(path: str, trusted=None) -> Mapping:
+    """A torch.save file, read by torch's weights-only unpickler; objects that are not tensor
+    data (mmengine's, numpy's) become inert placeholders, logged (safe_pickle)."""
     try:
         try:
-            return _torch_load(path, weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
+            obj, skipped = safe_pickle.load_torch_file(path, trusted)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
                 raise
-        skipped: set = set()
-        obj = _torch_load(path, weights_only=False, pickle_module=_skipping_pickle_module(skipped))
-        logger.info("%s: skipped pickled objects that are not tensors or containers: %s", path, sorted(skipped))
-        return obj
+            obj, skipped = safe_pickle.load_torch_file(path, trusted, mmap=False)  # an old zip layout
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+        raise _unreadable(path, e) from None
+    if skipped:
+        logger.info("%s: skipped pickled objects that are not tensors or containers: %s", path, skipped)
+    return obj
+
+
+def _unreadable(path: str, e: BaseException) -> "CheckpointError":
+    return CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:300]})")
 
 
 def _unwrap(sd, path: str) -> Dict[str, torch.Tensor]:
@@ -204,7 +152,7 @@ def _read_index(index_path: str) -> Dict[str, Entry]:
     folder = os.path.dirname(index_path)
     out = {}
     for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(folder, shard)
+        shard_path = _inside(folder, shard, index_path)
         if not os.path.exists(shard_path):
             raise CheckpointError(f"{index_path}: shard {shard} is missing")
         tensors = _read_file(shard_path)
@@ -216,20 +164,131 @@ def _read_index(index_path: str) -> Dict[str, Entry]:
     return out
 
 
+def _inside(folder: str, name: str, where: str) -> str:
+    """``folder/name`` for a file name an index or metadata file gives, refused unless it is
+    a plain name inside ``folder`` (no ``..``, no absolute path, no link out of it)."""
+    bad = (not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name
+           or any(part in ("..", "") for part in re.split(r"[\\/]", name)))
+    path = os.path.join(folder, name) if not bad else ""
+    real_folder = os.path.realpath(folder or ".")
+    if bad or os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
+        raise CheckpointError(f"{where}: names a file outside its folder: {name!r}")
+    return path
+
+
 def _read_distributed(folder: str) -> Dict[str, Entry]:
     """A sharded checkpoint written by torch.distributed.checkpoint (one file per process),
-    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``: read whole, in one process."""
-    import tempfile
+    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``, read whole in one process.
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = os.path.join(tmp, "whole.pt")
-        try:
-            dcp_to_torch_save(folder, whole)
-        except Exception as e:  # noqa: BLE001 - a corrupt or partial set of shards
-            raise CheckpointError(f"{folder}: cannot read the sharded checkpoint ({type(e).__name__}: {e})") from None
-        sd = _unwrap(_read_torch(whole), folder)
-        return {k: v.clone() for k, v in sd.items()}  # own memory: the file goes with the folder
+    Not through torch's DCP reader, which unpickles ``.metadata`` without restriction and
+    non-tensor entries with ``weights_only=False``: the metadata goes through
+    ``safe_pickle.load_dcp_metadata``, every tensor chunk through ``torch.load(weights_only=True)``,
+    and entries that are not tensors (pickled objects) are skipped with a log line. Every
+    chunk's file, byte range and place in its tensor is checked before anything is read."""
+    meta_path = os.path.join(folder, ".metadata")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = safe_pickle.load_dcp_metadata(f.read())
+        out, skipped = _dcp_tensors(folder, meta, meta_path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or crafted metadata file
+        raise CheckpointError(f"{meta_path}: not a readable torch.distributed.checkpoint metadata file "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+    if skipped:
+        logger.info("%s: skipped %d entries that are not tensors: %s", folder, len(skipped), skipped[:10])
+    return out
+
+
+def _ints(v, what: str, where: str) -> Tuple[int, ...]:
+    if not isinstance(v, (tuple, list)) or not all(type(i) is int and i >= 0 for i in v):
+        raise CheckpointError(f"{where}: {what} is not a list of non-negative integers: {v!r}"[:300])
+    return tuple(v)
+
+
+def _dcp_tensors(folder: str, meta, meta_path: str):
+    field = safe_pickle.field
+    entries, storage = field(meta, "state_dict_metadata"), field(meta, "storage_data")
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{meta_path}: metadata without state_dict_metadata/storage_data")
+    places: Dict[Tuple[str, tuple], tuple] = {}  # (fqn, chunk offsets) -> (file, byte offset, length)
+    file_sizes: Dict[str, int] = {}
+    for index, info in storage.items():
+        fqn, offsets = field(index, "fqn", "MetadataIndex"), field(index, "offset", "MetadataIndex")
+        where = f"{meta_path}: {fqn!r}"
+        if field(info, "transform_descriptors", "_StorageInfo"):
+            raise CheckpointError(f"{where}: stored with transforms {field(info, 'transform_descriptors')!r}, "
+                                  "which this reader does not apply")
+        path = _inside(folder, field(info, "relative_path"), meta_path)
+        start, length = _ints((field(info, "offset"), field(info, "length")), "byte range", where)
+        if path not in file_sizes:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{meta_path}: shard file {os.path.basename(path)} is missing")
+            file_sizes[path] = os.path.getsize(path)
+        if start + length > file_sizes[path]:
+            raise CheckpointError(f"{path}: too short for {fqn!r} (bytes {start}..{start + length} of "
+                                  f"{file_sizes[path]}): a truncated shard")
+        key = (fqn, None if offsets is None else _ints(offsets, "chunk offset", where))
+        places[key] = (path, start, length)
+    out: Dict[str, Entry] = {}
+    skipped = []
+    for fqn, md in entries.items():
+        where = f"{meta_path}: {fqn!r}"
+        if not isinstance(fqn, str):
+            raise CheckpointError(f"{meta_path}: an entry name that is not a string: {fqn!r}"[:300])
+        if type(md) is safe_pickle.Record and md.kind == "BytesStorageMetadata":
+            skipped.append(fqn)
+            continue
+        props = field(md, "properties", "TensorStorageMetadata")
+        dtype = (field(props, "state", "TensorProperties") or (None,))[0] or field(props, "dtype")
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{where}: no tensor dtype in its metadata")
+        size = _ints(field(md, "size"), "size", where)
+        chunks = []
+        for chunk in field(md, "chunks") or ():
+            offs = _ints(field(chunk, "offsets", "ChunkStorageMetadata"), "chunk offsets", where)
+            sizes = _ints(field(chunk, "sizes"), "chunk sizes", where)
+            if len(offs) != len(size) or len(sizes) != len(size) or \
+                    any(o + n > s for o, n, s in zip(offs, sizes, size)):
+                raise CheckpointError(f"{where}: chunk at {offs} of size {sizes} lies outside {size}")
+            if (fqn, offs) not in places:
+                raise CheckpointError(f"{where}: no stored data for the chunk at {offs}")
+            chunks.append((offs, sizes) + places[fqn, offs])
+        _check_chunks_tile(size, chunks, where)
+        out[fqn] = LazyTensor(size, dtype, lambda c=chunks, s=size, d=dtype, w=where: _read_chunks(c, s, d, w),
+                              f"{folder}: {fqn}")
+    return out, skipped
+
+
+def _check_chunks_tile(size, chunks, where: str) -> None:
+    """The chunks cover the tensor exactly once (no gap left as uninitialised memory)."""
+    def volume(n):
+        v = 1
+        for i in n:
+            v *= i
+        return v
+    if sum(volume(c[1]) for c in chunks) != volume(size):
+        raise CheckpointError(f"{where}: its chunks do not cover the tensor of shape {size}")
+    for i, (oa, na) in enumerate(c[:2] for c in chunks):
+        for ob, nb in (c[:2] for c in chunks[i + 1:]):
+            if volume(na) and volume(nb) and all(a < b + m and b < a + n for a, n, b, m in zip(oa, na, ob, nb)):
+                raise CheckpointError(f"{where}: chunks at {oa} and {ob} overlap")
+
+
+def _read_chunks(chunks, size, dtype, where: str) -> torch.Tensor:
+    import io
+    out = torch.empty(size, dtype=dtype)
+    for offs, sizes, path, start, length in chunks:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(length)
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if type(t) is not torch.Tensor or t.dtype != dtype or tuple(t.shape) != sizes:
+            raise CheckpointError(f"{where}: the chunk at {offs} holds {type(t).__name__} "
+                                  f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}, expected "
+                                  f"{dtype} {sizes}")
+        out[tuple(slice(o, o + n) for o, n in zip(offs, sizes))].copy_(t)
+    return out
 
 
 _WEIGHTS = (".safetensors", ".bin", ".pth", ".pt")
@@ -271,18 +330,18 @@ _INTERNVL_KEYS = [
 def _internvl_to_upstream(sd: Dict[str, Entry]) -> Dict[str, Entry]:
     if not any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):
         return sd
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in _INTERNVL_KEYS:
-            if pattern.match(k):
-                k = pattern.sub(repl, k)
-                break
-        out[k] = v
-    return out
+    return {_upstream_name(k): v for k, v in sd.items()}
 
 
 def _under(sd: Dict[str, Entry], prefix: str) -> Dict[str, Entry]:
     return _internvl_to_upstream({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+
+
+def _upstream_name(key: str) -> str:
+    for pattern, repl in _INTERNVL_KEYS:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    return key
 
 
 def to_upstream_keys(sd: Dict[str, Entry], model_keys) -> Tuple[Dict[str, Entry], str]:
@@ -290,20 +349,20 @@ def to_upstream_keys(sd: Dict[str, Entry], model_keys) -> Tuple[Dict[str, Entry]
 
     The prefix is a structure of the file, not of a stray key: every prefix of one or two
     dotted parts is tried (and none), and the one under which the most keys match the
-    model wins (ties: the shorter). Keys outside it are left out, with a log line.
+    model wins (ties: the shorter). Keys outside it are left out, with a log line. One pass
+    over the keys counts the matches of every candidate (a file may have tens of thousands
+    of distinct prefixes).
     """
     own = set(model_keys)
-    candidates = {""}
+    matches: Dict[str, int] = {"": 0}
     for k in sd:
         parts = k.split(".")
-        candidates.update(".".join(parts[:i]) + "." for i in (1, 2) if len(parts) > i)
-
-    def score(prefix):
-        return len(own & set(_under(sd, prefix))), -len(prefix)
-
-    prefix = max(sorted(candidates), key=score)
-    if score(prefix)[0] == 0:
-        prefix = ""
+        for i in range(min(len(parts) - 1, 2) + 1):
+            prefix = ".".join(parts[:i]) + "." if i else ""
+            hit = _upstream_name(".".join(parts[i:])) in own
+            matches[prefix] = matches.get(prefix, 0) + hit
+    best = max(matches.values())
+    prefix = min((p for p, n in matches.items() if n == best), key=lambda p: (len(p), p)) if best else ""
     out = _under(sd, prefix)
     if prefix:
         rest = [k for k in sd if not k.startswith(prefix)]
@@ -346,6 +405,10 @@ def _check_tensor(k: str, v: Entry) -> None:
     else:
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{k}: is a {type(v).__name__}, not a tensor")
+        if type(v) not in (torch.Tensor, nn.Parameter):
+            # A subclass brings its own code to every op on it; wrapper subclasses (DTensor,
+            # nested tensors: torch allow-lists them once imported) have no storage to copy.
+            raise CheckpointError(f"{k}: is a {type(v).__name__}, a tensor subclass; only plain tensors load")
         if v.is_meta:
             raise CheckpointError(f"{k}: is a meta tensor (it has no data)")
         if v.layout != torch.strided:
@@ -386,7 +449,9 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> Tuple[List[s
 
     Returns (missing, unexpected) keys. With strict=True either list non-empty raises
     before any parameter is touched; with strict=False they are logged. Keys of blocks
-    the model does not have (a deeper checkpoint) count as unexpected.
+    the model does not have (a deeper checkpoint) count as unexpected. A checkpoint with
+    no FPN keys at all (a pretrained ViT) may leave the FPN out even when strict: it keeps
+    its initialisation (logged; its keys are in the returned ``missing``).
     """
     where = os.fspath(path)
     own = model.state_dict(keep_vars=True)
@@ -397,13 +462,21 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> Tuple[List[s
         if str(e).startswith(where):
             raise
         raise CheckpointError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a folder that cannot be listed
+        raise CheckpointError(f"{where}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    if strict and (missing or unexpected):
+    refused = missing
+    if any(k.startswith(FPN_PREFIXES) for k in own) and not any(k.startswith(FPN_PREFIXES) for k in sd):
+        # A pretrained ViT checkpoint: no pretrained file has the FPN (upstream builds it after
+        # loading and loads with strict=False). It keeps its initialisation; the rest stays strict.
+        logger.info("%s: a ViT checkpoint without the FPN: up1..up4 keep their initialisation", where)
+        refused = [k for k in missing if not k.startswith(FPN_PREFIXES)]
+    if strict and (refused or unexpected):
         raise CheckpointError(f"{where}: does not match the model (nothing was loaded): "
-                              f"missing keys {missing}, unexpected keys {unexpected}")
-    if missing:
-        logger.warning("%s: missing keys (left as initialised): %s", where, missing)
+                              f"missing keys {refused}, unexpected keys {unexpected}")
+    if refused:
+        logger.warning("%s: missing keys (left as initialised): %s", where, refused)
     if unexpected:
         logger.warning("%s: unexpected keys (ignored): %s", where, unexpected)
     names = [k for k in sd if k in own]

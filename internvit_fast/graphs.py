@@ -44,21 +44,21 @@ def needs_eager(model: nn.Module, x: torch.Tensor) -> str:
     return ""
 
 
-def capture(fn: Callable[[torch.Tensor], List[torch.Tensor]], static_in: torch.Tensor
-            ) -> Tuple[Callable[[], None], List[torch.Tensor]]:
-    """Record ``fn(static_in)`` into a CUDA graph; return (replay, the graph's output tensors).
+def capture(fn: Callable[[], object], device: torch.device, pool=None) -> Tuple[Callable[[], None], object]:
+    """Record ``fn()`` into a CUDA graph; return (replay, the graph's outputs).
 
+    The one capture helper of the project (the graph cache and the benchmarks use it).
     Warm-up runs on a side stream first (kernel compilation, cuBLAS workspaces), as torch's
-    CUDA-graph notes prescribe."""
-    side = torch.cuda.Stream(device=static_in.device)
-    side.wait_stream(torch.cuda.current_stream(static_in.device))
+    CUDA-graph notes prescribe; ``pool`` shares a memory pool between graphs."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(2):
-            fn(static_in)
-    torch.cuda.current_stream(static_in.device).wait_stream(side)
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
+    with torch.cuda.graph(graph, pool=pool):
+        static_out = fn()
     return graph.replay, static_out
 
 
@@ -80,10 +80,30 @@ class GraphCache:
 
     @staticmethod
     def signature(model: nn.Module, x: torch.Tensor) -> tuple:
+        """Everything that changes what a forward computes, so a graph is replayed only for
+        the computation it recorded."""
         # Parameter addresses: a graph reads weights where they were at capture; a model
         # moved or re-allocated since then needs a new graph (in-place loads keep them valid).
         weights = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
-        return (tuple(x.shape), x.dtype, x.device, getattr(model, "fast", None), model.training, hash(weights))
+        dev = x.device.type
+        # Autocast changes every op's dtype; the math-mode switches change which kernels
+        # cuBLAS, cuDNN and SDPA pick (a graph replays the picks made at capture).
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+               else None, torch.is_autocast_cache_enabled())
+        cuda_backends = torch.backends.cuda
+        modes = (torch.get_float32_matmul_precision(), cuda_backends.matmul.allow_tf32,
+                 torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled,
+                 cuda_backends.matmul.allow_fp16_reduced_precision_reduction,
+                 cuda_backends.matmul.allow_bf16_reduced_precision_reduction,
+                 cuda_backends.flash_sdp_enabled(), cuda_backends.mem_efficient_sdp_enabled(),
+                 cuda_backends.math_sdp_enabled(), cuda_backends.cudnn_sdp_enabled(),
+                 torch.are_deterministic_algorithms_enabled())
+        # What the model is told to compute: its attributes that steer forward.
+        config = (getattr(model, "fast", None), tuple(getattr(model, "out_indices", ())),
+                  getattr(model, "with_fpn", None), model.training,
+                  tuple(getattr(m, "use_flash_attn", None) for m in model.modules() if hasattr(m, "use_flash_attn")),
+                  tuple(p.dtype for p in model.parameters())[:1])
+        return (tuple(x.shape), x.dtype, x.device, x.stride(), hash(weights), amp, modes, config)
 
     def run(self, model: nn.Module, fn: Callable[[torch.Tensor], List[torch.Tensor]],
             x: torch.Tensor) -> List[torch.Tensor]:
@@ -94,7 +114,7 @@ class GraphCache:
                 self._graphs.popitem(last=False)  # drops the graph and its memory pool
             static_in = x.detach().clone()
             with torch.no_grad():
-                replay, static_out = capture(fn, static_in)
+                replay, static_out = capture(lambda: fn(static_in), static_in.device)
             hit = (static_in, replay, static_out)
             self._graphs[key] = hit
             self.captures += 1

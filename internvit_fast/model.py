@@ -207,6 +207,20 @@ class Block(nn.Module):
         return None if scale is None else scale.reshape(-1, 1).expand(like.shape[:-1]).contiguous()
 
 
+def _init_fpn(m: nn.Module) -> None:
+    """Upstream's ``_init_weights`` as it applies to the FPN (no pretrained file holds the FPN,
+    so this is where fine-tuning starts): transposed convolutions N(0, sqrt(2 / fan_out))
+    with fan_out = kh * kw * out_channels / groups and zero bias; norms weight 1, bias 0."""
+    if isinstance(m, nn.ConvTranspose2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, LayerNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
     return getattr(ls, "gamma", None)  # nn.Identity when init_values is falsy
 
@@ -275,8 +289,8 @@ def _check_arguments(a: dict) -> None:
     need(a["embed_dim"] % a["num_heads"] == 0, "embed_dim", f"is not divisible by num_heads={a['num_heads']}")
     need(a["img_size"] % a["patch_size"] == 0, "img_size", f"is not a multiple of patch_size={a['patch_size']}")
     need(isinstance(a["mlp_ratio"], numbers.Real) and not isinstance(a["mlp_ratio"], bool)
-         and a["mlp_ratio"] > 0 and int(a["embed_dim"] * a["mlp_ratio"]) > 0, "mlp_ratio",
-         "must be a positive number")
+         and math.isfinite(a["mlp_ratio"]) and a["mlp_ratio"] > 0 and int(a["embed_dim"] * a["mlp_ratio"]) > 0,
+         "mlp_ratio", "must be a positive, finite number")
     rate = a["drop_path_rate"]
     need(isinstance(rate, numbers.Real) and not isinstance(rate, bool) and 0 <= rate < 1, "drop_path_rate",
          "must be a number in [0, 1)")
@@ -363,6 +377,8 @@ class InternViT6B(nn.Module):
             self.up2 = nn.Sequential(up(), final_norm())
             self.up3 = nn.Sequential(nn.Identity(), final_norm())
             self.up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), final_norm())
+            for m in (self.up1, self.up2, self.up3, self.up4):
+                m.apply(_init_fpn)
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

@@ -24,6 +24,10 @@ def window_boxes(h_img: int, w_img: int, crop: Tuple[int, int], stride: Tuple[in
     (h_crop, w_crop), (h_stride, w_stride) = crop, stride
     if min(h_crop, w_crop, h_stride, w_stride) <= 0:
         raise ValueError(f"crop {crop} and stride {stride} must be positive")
+    if h_stride > h_crop or w_stride > w_crop:
+        # Windows further apart than they are wide leave pixels no window covers (0/0 logits).
+        raise ValueError(f"stride {stride} must not exceed crop {crop}: pixels between windows would get no "
+                         "prediction")
     h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
     boxes = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterable, Optional
 
@@ -29,6 +30,35 @@ def kernels_can_run_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETING)
 
 
+@triton.jit
+def _interpreter_probe(X, n):
+    # A loop bound taken from an integer argument: what triton 3.6's interpreter cannot do
+    # with numpy >= 2.3 ("only 0-dimensional arrays can be converted to Python scalars").
+    acc = 0.0
+    for i in range(0, n):
+        acc += tl.load(X + i)
+    tl.store(X, acc)
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run the kernels here ('' when it can): found by
+    running a probe kernel once, so a bad pair of versions gets one clear message instead
+    of an InterpreterError deep inside a kernel."""
+    import numpy
+    x = torch.ones(3)
+    try:
+        _interpreter_probe[(1,)](x, 3)
+    except Exception as e:  # noqa: BLE001 - InterpreterError and whatever it wraps
+        return (f"Triton's interpreter cannot run here: triton {triton.__version__} with numpy "
+                f"{numpy.__version__} fails ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}). "
+                "triton 3.6's interpreter needs numpy < 2.3 (pip install 'numpy<2.3'); "
+                "triton 3.9's works with numpy 2.4")
+    if x[0].item() != 3.0:
+        return f"Triton's interpreter computed a wrong result (triton {triton.__version__})"
+    return ""
+
+
 def check_tensors(op: str, *named: tuple, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> None:
     """Raise a ValueError naming the op and argument for anything a kernel cannot take.
 
@@ -47,6 +77,8 @@ def check_tensors(op: str, *named: tuple, dtypes: Iterable[torch.dtype] = FLOAT_
                 raise ValueError(
                     f"{op}: {name} is on {device}; the Triton kernels need CUDA tensors "
                     "(or CPU tensors with TRITON_INTERPRET=1 set before import)")
+            if device.type == "cpu" and interpreter_problem():
+                raise RuntimeError(f"{op}: {interpreter_problem()}")
         elif t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
 
@@ -80,6 +112,8 @@ def check_row_width(op: str, name: str, n: int) -> None:
 
 def as_rows(op: str, name: str, t: torch.Tensor, width: int) -> torch.Tensor:
     """View ``t`` as (rows, width) with unit column stride, never copying."""
+    if t.ndim == 0:
+        raise ValueError(f"{op}: {name} is 0-d (a scalar); expected rows of width {width}")
     if t.shape[-1] != width:
         raise ValueError(f"{op}: {name} last dimension is {t.shape[-1]}, expected {width}")
     if t.stride(-1) != 1 and t.numel() > 0:

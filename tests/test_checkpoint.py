@@ -345,3 +345,39 @@ def test_safetensors_tensors_are_read_one_at_a_time(tmp_path, monkeypatch):
     assert all(isinstance(v, checkpoint.LazyTensor) for v in sd.values())
     load_checkpoint(dst, str(tmp_path / "m.safetensors"))
     assert_same_weights(src, dst)
+
+
+# --- pretrained ViT files into the segmentation models (no FPN in any pretrained file) ----------
+
+def _vit_only(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(("up1.", "up2.", "up3.", "up4."))}
+
+
+def test_pretrained_vit_file_loads_into_a_model_with_fpn_strictly(tmp_path, caplog):
+    src = _fresh()
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    dst = _fresh(with_fpn=True, out_indices=[0, 1, 2, 3])
+    fpn_before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("up")}
+    with caplog.at_level(logging.INFO, logger="internvit_fast"):
+        missing, unexpected = load_checkpoint(dst, tmp_path / "vit.pth")  # strict by default
+    assert missing and all(k.startswith(("up1.", "up2.", "up3.", "up4.")) for k in missing) and unexpected == []
+    assert "without the FPN" in caplog.text
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in _vit_only(dst).items())
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in fpn_before.items()), "the FPN was touched"
+    # the README's example: pretrained= on a segmentation backbone
+    InternViT6B(**dict(SMALL, dtype=torch.float32, with_fpn=True, out_indices=[0, 1, 2, 3],
+                       pretrained=str(tmp_path / "vit.pth")))
+
+
+def test_a_file_with_part_of_the_fpn_is_still_strict(tmp_path):
+    src = _fresh(with_fpn=True, out_indices=[0, 1, 2, 3])
+    sd = dict(src.state_dict())
+    del sd["up2.0.weight"]
+    torch.save(sd, tmp_path / "seg.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['up2.0.weight'\]"):
+        load_checkpoint(_fresh(with_fpn=True, out_indices=[0, 1, 2, 3]), tmp_path / "seg.pth")
+    sd = _vit_only(src)
+    del sd["blocks.0.norm1.weight"]
+    torch.save(sd, tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.0.norm1.weight'\]"):
+        load_checkpoint(_fresh(with_fpn=True, out_indices=[0, 1, 2, 3]), tmp_path / "vit.pth")

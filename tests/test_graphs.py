@@ -16,12 +16,12 @@ def fake_graphs(monkeypatch):
     """Capture that reruns the function on replay; CPU inputs count as graphable."""
     recorded = []
 
-    def capture(fn, static_in):
-        out = fn(static_in)
-        recorded.append(static_in)
+    def capture(fn, device, pool=None):
+        out = fn()
+        recorded.append(device)
 
         def replay():
-            for o, n in zip(out, fn(static_in)):
+            for o, n in zip(out, fn()):
                 o.copy_(n)
         return replay, out
 
@@ -87,6 +87,32 @@ def test_moved_weights_get_a_new_graph(fake_graphs):
     assert graphed._graphs.captures == 2
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(graphed(img), eager_out))
+
+
+def test_autocast_and_math_modes_get_their_own_graph(fake_graphs):
+    """A graph recorded without autocast must not be replayed under it (another computation)."""
+    graphed, eager = _pair()
+    img = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        plain = graphed(img)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = graphed(img)
+            want = eager(img)
+        assert graphed._graphs.captures == 2
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert any(not torch.equal(a, b) for a, b in zip(got, plain))  # it is another computation
+        with torch.autocast("cpu", dtype=torch.float16):
+            graphed(img)
+        assert graphed._graphs.captures == 3
+        graphed.out_indices = [3]
+        assert len(graphed(img)) == 1 and graphed._graphs.captures == 4
+        sig = graphs.GraphCache.signature
+        before = sig(graphed, img)
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert sig(graphed, img) != before
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_cpu_inputs_run_eager_without_the_stand_in():

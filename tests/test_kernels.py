@@ -383,6 +383,33 @@ def test_bad_inputs_raise_before_launch(device):
         linear_launch(x, _rand(8, 96, **bf), None, out, "relu")
     with pytest.raises(ValueError, match="gelu: out must be"):
         gelu_launch(x, _rand(4, 95, **bf))
+    with pytest.raises(ValueError, match="x is 0-d"):
+        rms_norm(_rand(1, **bf)[0], _rand(1, **bf))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about Triton's interpreter on a CPU")
+def test_interpreter_that_cannot_run_gets_one_clear_error(monkeypatch):
+    """A triton whose interpreter fails (3.6 with numpy >= 2.3) is named, with the versions,
+    before a kernel launches, instead of an InterpreterError deep inside one."""
+    import numpy
+    import triton
+
+    from internvit_fast.kernels import _common
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise ValueError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+    assert _common.interpreter_problem() == ""  # this machine's pair of versions works
+    monkeypatch.setattr(_common, "_interpreter_probe", Broken())
+    _common.interpreter_problem.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=rf"rms_norm: .*triton {triton.__version__} with numpy "
+                                               rf"{numpy.__version__}.*numpy < 2.3"):
+            rms_norm(_rand(4, 96, dtype=torch.float32, device="cpu"), _rand(96, dtype=torch.float32, device="cpu"))
+    finally:
+        _common.interpreter_problem.cache_clear()
 
 
 def test_kernels_write_only_inside_their_outputs(device):

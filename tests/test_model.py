@@ -286,6 +286,9 @@ def test_fpn_rejects_a_grid_smaller_than_two_by_two():
     (dict(in_chans=0), "in_chans=0"),
     (dict(embed_dim=96.0), "embed_dim=96.0"),
     (dict(mlp_ratio=0), "mlp_ratio=0"),
+    (dict(mlp_ratio=float("inf")), "mlp_ratio=inf: must be a positive, finite number"),
+    (dict(mlp_ratio=float("nan")), "mlp_ratio=nan"),
+    (dict(drop_path_rate=float("nan")), "drop_path_rate=nan"),
     (dict(drop_path_rate=1.5), r"drop_path_rate=1.5: must be a number in \[0, 1\)"),
     (dict(drop_path_rate=-0.1), "drop_path_rate=-0.1"),
     (dict(init_values=float("nan")), "init_values=nan"),
@@ -336,3 +339,20 @@ def test_constructor_takes_upstreams_arguments_in_order_with_its_defaults():
         assert (list(got) if name == "out_indices" else got) == want, name
     assert list(ours)[1 + len(names):] == ["fast", "dtype", "cuda_graphs"]  # ours come after upstream's
     assert ours["fast"].default is False and ours["dtype"].default is torch.bfloat16
+
+
+def test_fpn_starts_from_upstreams_initialisation():
+    """Upstream's _init_weights on up1..up4: transposed convs N(0, sqrt(2 / fan_out)), zero bias,
+    norms weight 1 and bias 0 (PyTorch's own default would be about 0.4x that spread)."""
+    m = InternViT6B(**dict(SMALL, dtype=torch.float32, with_fpn=True, out_indices=[0, 1, 2, 3]))
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
+    assert len(convs) == 3
+    for conv in convs:
+        fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+        w = conv.weight.double()
+        # 36864 draws: the sample std is within 2% of the true one with overwhelming probability
+        assert abs(w.std().item() / (2.0 / fan_out) ** 0.5 - 1) < 0.02, w.std().item()
+        assert abs(w.mean().item()) < 0.05 * (2.0 / fan_out) ** 0.5
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    norm = m.up1[1]
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
