@@ -1,17 +1,26 @@
 """The one prepared GPU run (benchmarks/gpu_run.sh calls this).
 
-    python -m benchmarks.gpu_run [--out DIR] [--budget-s 450] [--tune] [--smoke]
+    python -m benchmarks.gpu_run [--out DIR] [--budget-s 480] [--tune] [--smoke] [--skip-tests]
+    python -m benchmarks.gpu_run --plan --card h100 [--json] [--tune]
 
-1. (--tune) the launch configurations and fused/unfused choices at the segmentation shapes;
-2. the kernel, backbone, segmentation and training benchmarks (pytest benchmarks/),
-   time-boxed: what does not fit is listed as not measured, never dropped in silence;
-3. the tests under CUDA (parity of every kernel, compiled and launched for real; the fast
-   model; CUDA graphs replaying exactly) in what is left of the box;
-4. writes <date>-<card>.json (card, versions, ceilings, every figure) and a markdown
-   table beside it, and prints the short table last.
+Runs the stages of ``benchmarks/plan.py`` in the order of what they are worth: the card's
+ceilings; the 504x504 UPerNet backbone at batch 4 (reference, torch.compile of it, fast,
+torch.compile of fast, one attention backend order for all); full-size parity; each fused
+op against its unfused alternative; (--tune) tuning at batch 4 and the fast backbone again
+with the tuned table; the profile; whole-image slide inference; the training step; the
+tests under CUDA in what is left. Each stage has a box (its estimate times a margin, cut
+to what is left of ``--budget-s``); a stage that runs out is stopped and the run goes on.
 
-Without CUDA it fails loudly, unless --smoke: the same entry points at tiny shapes
-through Triton's interpreter, so this script cannot rot on CPU-only CI.
+Results are kept as they come: every benchmark and check is appended to a records file
+the moment it finishes, and ``<date>-<card>.json`` and its markdown table are rewritten
+(atomically) whenever a record arrives and after every stage, with the stages done and the
+ones not reached, each stage's real seconds beside its estimate. A run killed at any point
+leaves a valid file holding everything measured so far. The stages' output goes to
+``<date>-<card>.log``; with --tune the table goes to ``tuned-<arch>.json``; at the end a
+chart ``<date>-<card>.png``: at most five files in --out.
+
+Without CUDA it fails loudly, unless --smoke: the same stages at tiny shapes through
+Triton's interpreter, so this script cannot rot on CPU-only CI.
 """
 from __future__ import annotations
 
@@ -23,206 +32,391 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
+from typing import Dict, List, Optional
+
+from benchmarks import plan as run_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _pytest(args, env, log_path, timeout=None):
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"] + args
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
-        out, rc = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as e:  # the box ran out: keep what it printed
-        out = (e.output.decode() if isinstance(e.output, bytes) else e.output or "") + \
-            f"\n= stopped at the time box after {timeout:.0f} s: not finished ="
-        rc = 124
-    with open(log_path, "w") as log:
-        log.write(out)
-    tail = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or [""]
-    print(out[-3000:] if rc else tail[0], flush=True)
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.strip().splitlines()[-1]
-                                               if out.strip() else "")}
-    return {"rc": rc, "summary": tail[0].strip("= "), "counts": counts, "seconds": round(time.time() - t0, 1)}
-
-
-def _card(torch) -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu-smoke"
+POLL_S = 2.0
 
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
 
 
-def collect(raw: dict) -> dict:
-    """Split pytest-benchmark's JSON into kernel and backbone records (their extra_info)."""
-    out = {"kernels": [], "backbone": [], "checks": []}
-    for b in raw.get("benchmarks", []):
-        info = dict(b.get("extra_info", {}))
-        kind = "checks" if "check" in info else "backbone" if "path" in info else "kernels"
-        out[kind].append(info)
+def _belongs(nodeid: str, selection: List[str]) -> bool:
+    return any(nodeid == s or nodeid.startswith(s + "::") or nodeid.startswith(s + "[") for s in selection)
+
+
+# --- from records to results ------------------------------------------------------------------
+
+def _rate(stats: dict) -> Optional[float]:
+    return stats.get("median") if stats else None
+
+
+def summarize(records: List[dict]) -> dict:
+    """The figures a run reports, derived from its records: ms from pytest-benchmark's median,
+    rates from the counts each benchmark attached, fractions of the ceilings measured in the
+    same run."""
+    out: Dict[str, list] = {"kernels": [], "attention": [], "backbone": [], "slide": [], "training": [],
+                            "checks": []}
+    ceilings = {"copy_gbs": None, "matmul_tflops": None}
+    benches = [r for r in records if r.get("kind") == "benchmark"]
+    for r in benches:
+        info, t = r["info"], _rate(r["stats"])
+        if info.get("ceiling") and t:
+            if info["ceiling"] == "copy":
+                ceilings["copy_gbs"] = info["bytes"] / t / 1e9
+            else:
+                ceilings["matmul_tflops"] = info["flops"] / t / 1e12
+    for r in benches:
+        info, t, group = dict(r["info"]), _rate(r["stats"]), r.get("group") or ""
+        if info.get("ceiling"):
+            continue
+        row = dict(info, test=r["test"], group=group, ms=t * 1e3 if t else None, rounds=r["stats"].get("rounds"))
+        if t and info.get("flops"):
+            row["tflops"] = info["flops"] / t / 1e12
+            if ceilings["matmul_tflops"]:
+                row["frac_matmul"] = row["tflops"] / ceilings["matmul_tflops"]
+        if t and info.get("bytes_min") and not info.get("flops"):
+            row["gbs"] = info["bytes_min"] / t / 1e9
+            if ceilings["copy_gbs"]:
+                row["frac_copy"] = row["gbs"] / ceilings["copy_gbs"]
+        if t and info.get("batch") and group.startswith(("backbone", "training")):
+            row["images_per_s"] = info["batch"] / t
+            row["ms_per_image"] = t * 1e3 / info["batch"]
+        kind = group.split(" ")[0]
+        out[{"backbone": "backbone", "training": "training", "slide": "slide", "attention": "attention"}
+            .get(kind, "kernels")].append(row)
+    for row in out["slide"]:
+        if row.get("ms"):
+            row["images_per_s"] = 1e3 / row["ms"]
+        alone = next((o for o in out["slide"] if o["group"] == row["group"] and o["path"] == row["path"] + "-backbone-only"), None)
+        if alone and alone.get("ms") and row.get("ms"):
+            row["backbone_share"] = min(1.0, alone["ms"] / row["ms"])
+    out["checks"] = [dict(r["info"], test=r["test"]) for r in records if r.get("kind") == "check"]
+    out["ceilings"] = ceilings
+    out["not_measured"] = sorted({f"{r['test']}: {r.get('reason', '')}" for r in records
+                                  if r.get("kind") == "test" and r.get("outcome") == "skipped"})
+    out["failed"] = sorted({r["test"] for r in records if r.get("kind") == "test" and r.get("outcome") == "failed"})
     return out
+
+
+def _f(v, fmt=".1f", none="-"):
+    return none if v is None else format(v, fmt)
 
 
 def markdown(res: dict) -> str:
     c = res["ceilings"]
-    lines = [f"# internvit-fast benchmarks: {res['card']}, {res['date']}", "",
-             f"torch {res['versions']['torch']}, triton {res['versions']['triton']}, "
-             f"CUDA {res['versions']['cuda']}. Command: `{res['command']}`.", "",
-             f"Ceilings measured in this run: device copy {c['copy_gbs']:.0f} GB/s (read + write), "
-             f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s.", "",
-             f"Tests under {'CUDA' if res['card'] != 'cpu-smoke' else 'the interpreter'}: "
-             f"{res['tests']['summary']}", ""]
-    if res["kernels"]:
-        lines += ["## Kernels (bf16, rows = 1297 x batch, width 3200)", "",
-                  "| kernel | batch | impl | ms | GB/s | of copy | TFLOP/s | of matmul |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for k in sorted(res["kernels"], key=lambda r: (r["kernel"], r["batch"], r["impl"])):
-            lines.append(f"| {k['kernel']} | {k['batch']} | {k['impl']} | {k['ms']:.4f} | "
-                         f"{k.get('gbs', float('nan')):.0f} | {k.get('frac_copy', float('nan')):.0%} | "
-                         f"{k.get('tflops', float('nan')):.1f} | {k.get('frac_matmul', float('nan')):.0%} |")
-        lines.append("")
-        chosen = sorted({k["chosen"] for k in res["kernels"] if "chosen" in k})
-        if chosen:
-            lines += [f"SDPA backend picked for the fast path's q/k/v layout (attention.py priority): "
-                      f"{', '.join(chosen)}", ""]
+    lines = [f"# internvit-fast GPU run: {res['card']}, {res['date']}", "",
+             f"torch {res['versions']['torch']}, triton {res['versions']['triton']}, CUDA {res['versions']['cuda']}. "
+             f"Command: `{res['command']}`.", "",
+             f"Ceilings measured in this run: device copy {_f(c['copy_gbs'], '.0f')} GB/s (read + write), "
+             f"bf16 matmul {_f(c['matmul_tflops'], '.0f')} TFLOP/s.", "",
+             "## Stages", "", "| stage | status | seconds | estimate | tests |", "|---|---|---|---|---|"]
+    for st in res["stages"]:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(st.get("tests", {}).items()))
+        lines.append(f"| {st['name']} | {st['status']} | {_f(st.get('seconds'), '.0f')} | {st['estimate_s']:.0f} | "
+                     f"{counts} |")
+    lines.append("")
     if res["backbone"]:
         lines += ["## Backbone (bf16 inference)", "",
-                  "| config | batch | path | ms/batch | images/s | ms/image | TFLOP/s | of matmul | peak GB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(res["backbone"], key=lambda r: (r["config"], r["batch"], r["path"])):
-            peak = r.get("peak_mem_gb")
-            lines.append(f"| {r['config']} | {r['batch']} | {r['path']} | {r['ms']:.1f} | {r['images_per_s']:.2f} | "
-                         f"{r['ms_per_image']:.1f} | {r['tflops']:.1f} | {r['frac_matmul']:.0%} | "
-                         f"{'-' if peak is None else f'{peak:.1f}'} |")
+                  "| group | path | ms/batch | images/s | TFLOP/s | of matmul | peak GB | attention kernels |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["backbone"]:
+            att = "; ".join(k[:40] for k in r.get("attention_kernels") or []) or "-"
+            lines.append(f"| {r['group']} | {r['path']} | {_f(r['ms'])} | {_f(r.get('images_per_s'), '.2f')} | "
+                         f"{_f(r.get('tflops'))} | {_f(r.get('frac_matmul'), '.0%')} | {_f(r.get('peak_mem_gb'))} | "
+                         f"{att} |")
+        lines.append("")
+    if res["kernels"] or res["attention"]:
+        lines += ["## Kernels (bf16, rows = 1297 x batch, width 3200)", "",
+                  "| group | impl | ms | GB/s | of copy | TFLOP/s | of matmul |", "|---|---|---|---|---|---|---|"]
+        for r in res["kernels"] + res["attention"]:
+            lines.append(f"| {r['group']} | {r['impl']} | {_f(r['ms'], '.4f')} | {_f(r.get('gbs'), '.0f')} | "
+                         f"{_f(r.get('frac_copy'), '.0%')} | {_f(r.get('tflops'))} | {_f(r.get('frac_matmul'), '.0%')} |")
+        lines.append("")
+    if res["slide"]:
+        lines += ["## Whole-image slide inference (crop 504, stride 322, bf16)", "",
+                  "| image | windows | path | ms/image | images/s | backbone share |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['size'][0]}x{r['size'][1]} | {r['windows']} | {r['path']} | {_f(r['ms'])} | "
+                  f"{_f(r.get('images_per_s'), '.2f')} | {_f(r.get('backbone_share'), '.0%')} |" for r in res["slide"]]
+        lines.append("")
+    if res["training"]:
+        lines += ["## Training step (forward + backward, with_cp)", "",
+                  "| group | path | ms | images/s | TFLOP/s (3x forward FLOPs) | peak GB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['group']} | {r['path']} | {_f(r['ms'])} | {_f(r.get('images_per_s'), '.2f')} | "
+                  f"{_f(r.get('tflops'))} | {_f(r.get('peak_mem_gb'))} |" for r in res["training"]]
         lines.append("")
     for chk in res["checks"]:
-        if chk["check"] == "full_size_parity":
-            lines += [f"## Full-size parity ({chk['config']}, batch 1, max |error| against fp32; "
-                      f"outputs up to {chk['max_abs_out']:.3g})", "",
-                      f"reference (SDPA) {chk['err_sdpa']:.3g}, reference (naive attention) "
-                      f"{chk['err_naive']:.3g}, fast path {chk['err_fast']:.3g}", ""]
-        elif chk["check"] == "segmentation":
-            seg = [c for c in res["checks"] if c["check"] == "segmentation"]
-            if chk is seg[0]:
-                lines += ["## Whole-image slide inference (crop 504, stride 322, bf16)", "",
-                          "| image | windows | path | ms/image | images/s | backbone share |", "|---|---|---|---|---|---|"]
-                lines += [f"| {c['size'][0]}x{c['size'][1]} | {c['windows']} | {c['path']} | {c['ms_per_image']:.1f} | "
-                          f"{c['images_per_s']:.2f} | {c['backbone_share']:.0%} |" for c in seg]
-                lines.append("")
-        elif chk["check"] == "training":
-            train = [c for c in res["checks"] if c["check"] == "training"]
-            if chk is train[0]:
-                lines += [f"## Training step (forward + backward, with_cp, {chk['config']} batch {chk['batch']})", "",
-                          "| path | ms | images/s | TFLOP/s (3x forward FLOPs) | peak GB |", "|---|---|---|---|---|"]
-                lines += [f"| {c['path']} | {c['ms']:.1f} | {c['images_per_s']:.2f} | {c['tflops']:.1f} | "
-                          f"{'-' if c.get('peak_mem_gb') is None else format(c['peak_mem_gb'], '.1f')} |" for c in train]
-                lines.append("")
-        elif chk["check"] == "profile":
+        if chk.get("check") == "full_size_parity":
+            lines += [f"## Full-size parity ({chk['config']}, batch 1, max |error| against fp32; outputs up to "
+                      f"{chk['max_abs_out']:.3g})", "", f"reference (SDPA) {chk['err_sdpa']:.3g}, reference (naive "
+                      f"attention) {chk['err_naive']:.3g}, fast path {chk['err_fast']:.3g}", ""]
+        elif chk.get("check") == "profile":
             lines += [f"## Profile: {chk['profiled_path']} path, {chk['config']} batch {chk['batch']} "
-                      f"({chk['total_ms']:.1f} ms of kernels)", "", "| kernel | ms | share | calls |",
-                      "|---|---|---|---|"]
+                      f"({chk['total_ms']:.1f} ms of kernels)", "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{t['name']}` | {t['ms']:.2f} | {t['share']:.0%} | {t['calls']} |" for t in chk["top"]]
             lines.append("")
+    if res.get("tuning"):
+        tun = res["tuning"]
+        lines += ["## Tuning", "", f"{tun.get('entries', 0)} kernel shapes tuned; picks: "
+                  + (", ".join(f"{k}: {v}" for k, v in sorted(tun.get("impl", {}).items())) or "-"), ""]
+    if res["failed"]:
+        lines += ["## Failed", ""] + [f"- {t}" for t in res["failed"]] + [""]
     if res["not_measured"]:
         lines += ["## Not measured", ""] + [f"- {s}" for s in res["not_measured"]] + [""]
+    not_reached = [st["name"] for st in res["stages"] if st["status"] in ("not reached", "pending")]
+    if not_reached:
+        lines += ["## Stages not reached", "", ", ".join(not_reached), ""]
     return "\n".join(lines)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+class Run:
+    """The results of one run, rewritten to disk whenever something new is known."""
+
+    def __init__(self, args, torch, triton, card: str, estimates: Dict[str, float], stages):
+        self.start = time.time()
+        self.budget = args.budget_s
+        date = datetime.date.today().isoformat()
+        self.stem = os.path.join(args.out, f"{date}-{_slug(card)}")
+        self.records_path = self.stem + ".records.jsonl.tmp"
+        if os.path.exists(self.records_path):
+            os.remove(self.records_path)
+        self.log_path = self.stem + ".log"
+        open(self.log_path, "w").close()
+        self.records: List[dict] = []
+        self._offset = 0
+        command = "bash benchmarks/gpu_run.sh" + (" --tune" if args.tune else "") + (" --smoke" if args.smoke else "") \
+            + (" --skip-tests" if args.skip_tests else "")
+        self.res = {
+            "card": card, "date": date, "command": command, "budget_s": args.budget_s,
+            "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                         "python": platform.python_version()},
+            "estimates_for": args.card, "seconds": 0.0, "tuning": None,
+            "stages": [{"name": s.name, "what": s.what, "estimate_s": estimates[s.name], "status": "pending",
+                        "seconds": None, "tests": {}} for s in stages],
+        }
+        self.write()
+
+    def stage(self, name: str) -> dict:
+        return next(s for s in self.res["stages"] if s["name"] == name)
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+    def read_records(self) -> bool:
+        if not os.path.exists(self.records_path):
+            return False
+        with open(self.records_path) as f:
+            f.seek(self._offset)
+            data = f.read()
+        done = data.rfind("\n") + 1  # a line still being written waits for the next poll
+        self._offset += len(data[:done].encode())
+        new = [json.loads(ln) for ln in data[:done].splitlines() if ln.strip()]
+        self.records += new
+        return bool(new)
+
+    def write(self) -> None:
+        self.res.update(summarize(self.records))
+        self.res["seconds"] = round(time.time() - self.start, 1)
+        self.res["stages_done"] = [s["name"] for s in self.res["stages"] if s["status"] == "done"]
+        self.res["stages_not_reached"] = [s["name"] for s in self.res["stages"]
+                                          if s["status"] in ("pending", "not reached")]
+        for path, text in ((self.stem + ".json", json.dumps(self.res, indent=1, default=str)),
+                           (self.stem + ".md", markdown(self.res))):
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(text + "\n")
+
+
+def _status(counts: Dict[str, int]) -> str:
+    return "failed" if counts.get("failed") or counts.get("error") else "done"
+
+
+def _stage_progress(run: Run, session, started: float) -> None:
+    """Each stage's test outcomes and seconds, from the per-test records of its session; a
+    stage is done once a later stage of the session has begun (the tests run in order)."""
+    prev_end = started
+    reached = []
+    for st in session:
+        tests = [r for r in run.records if r.get("kind") == "test" and _belongs(r["test"], st.pytest)]
+        entry = run.stage(st.name)
+        if tests:
+            counts: Dict[str, int] = {}
+            for r in tests:
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+            end = max(r["t"] for r in tests)
+            entry.update(tests=counts, seconds=round(end - prev_end, 1), status="running")
+            prev_end = end
+            reached.append(st)
+    for st in reached[:-1]:
+        run.stage(st.name)["status"] = _status(run.stage(st.name)["tests"])
+
+
+def _popen(cmd, env, run: Run, box: float):
+    """Run ``cmd`` with its output appended to the run's log, stopped at ``box`` seconds.
+    A generator: yields None at every poll (the caller reads new records then), and last
+    (rc, seconds); rc 124 when the box ran out."""
+    run.log("$ " + " ".join(cmd))
+    t0 = time.time()
+    with open(run.log_path, "a") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                rc = proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                yield None
+                if time.time() - t0 > box:
+                    proc.kill()
+                    proc.wait()
+                    rc = 124
+                    log.write(f"\n= stopped at its box after {box:.0f} s =\n")
+                    break
+    yield rc, time.time() - t0
+
+
+def run_session(run: Run, session, env: dict, box: float, smoke: bool) -> None:
+    nodes = [n for st in session for n in st.pytest]
+    env = dict(env, INTERNVIT_BENCH_RECORDS=run.records_path, INTERNVIT_BENCH_DEADLINE=str(time.time() + box))
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *nodes]
+    run.stage(session[0].name)["status"] = "running"  # the others wait their turn ("pending")
+    run.write()
+    started = time.time()
+    for result in _popen(cmd, env, run, box):
+        if run.read_records():
+            _stage_progress(run, session, started)
+            run.write()
+        if result is not None:
+            rc, _ = result
+    run.read_records()
+    _stage_progress(run, session, started)
+    for st in session:
+        entry = run.stage(st.name)
+        if entry["status"] in ("done", "failed"):
+            continue  # a later stage had begun
+        if rc == 124:
+            entry["status"] = "cut short" if entry["tests"] else "not reached"
+        else:
+            entry["status"] = _status(entry["tests"])
+    run.log(f"session {[s.name for s in session]}: rc {rc}")
+    run.write()
+
+
+def run_command(run: Run, st, env: dict, box: float, args) -> None:
+    entry = run.stage(st.name)
+    entry["status"] = "running"
+    run.write()
+    if st.command == "tune":
+        cmd = [sys.executable, "-m", "benchmarks.tune", "--out", args.out, "--budget-s", str(max(1.0, box - 15))]
+        cmd += ["--smoke"] if args.smoke else []
+    else:
+        files = ["tests/test_fast_model.py"] if args.smoke else [
+            "tests/test_kernels.py", "tests/test_fast_model.py", "tests/test_graphs.py", "tests/test_model.py",
+            "tests/test_checkpoint.py"]
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", *files]
+        if args.smoke:
+            cmd += ["-k", "compiles"]
+    for result in _popen(cmd, env, run, box):
+        if result is not None:
+            rc, sec = result
+    entry.update(seconds=round(sec, 1), status="done" if rc == 0 else "cut short" if rc == 124 else "failed", rc=rc)
+    if st.command == "tune":
+        tuned = [f for f in os.listdir(args.out) if f.startswith("tuned-") and f.endswith(".json")]
+        if tuned:
+            with open(os.path.join(args.out, tuned[0])) as f:
+                table = json.load(f)
+            entries = [e for v in table.get("configs", {}).values() for e in v]
+            run.res["tuning"] = {"file": tuned[0], "entries": len(entries), "arch": table.get("arch"),
+                                 "impl": {f"{k} " + " ".join(f"{a}={b}" for a, b in sorted(e["shape"].items())): e["impl"]
+                                          for k, v in table["configs"].items() for e in v if "impl" in e}}
+    else:
+        with open(run.log_path) as f:
+            tail = [ln for ln in f.read().splitlines() if ln.strip()]
+        summary = next((ln for ln in reversed(tail) if re.search(r"\d+ (passed|failed|error)", ln)), "")
+        entry["tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
+        run.res["tests_summary"] = summary.strip("= ")
+    run.write()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="the prepared GPU run")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="seconds for everything (the tests and the benchmarks); the GPU run's box is 8 minutes")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="seconds for the whole run (the device command's limit is 600)")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through the interpreter")
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
-    ap.add_argument("--tune", action="store_true",
-                    help="first sweep the kernels' launch configurations (benchmarks/tune.py, up to "
-                         "--tune-s of the box) and write the winners, then measure with them")
-    ap.add_argument("--tune-s", type=float, default=150.0)
+    ap.add_argument("--tune", action="store_true", help="tune at batch 4 and measure the fast path again with it")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the stages of the --tune run with estimated seconds and exit")
+    ap.add_argument("--card", choices=sorted(run_plan.CARDS), help="the card the estimates are for (--plan; "
+                    "default: the card found, else h100)")
+    ap.add_argument("--json", action="store_true", help="--plan as JSON")
     args = ap.parse_args(argv)
-    start = time.time()
+
+    if args.plan:
+        p = run_plan.plan(args.card or "h100", tune=True, skip_tests=args.skip_tests)
+        if args.json:
+            print(json.dumps(p, indent=1))
+        else:
+            print(f"plan for {p['card']}: {p['total_s']:.0f} s")
+            for st in p["stages"]:
+                print(f"  {st['start_s']:5.0f} s  +{st['seconds']:4.0f} s  {st['name']}: {st['what']}")
+        return 0
 
     import torch
     import triton
     if not torch.cuda.is_available() and not args.smoke:
-        print("gpu_run: CUDA is not available; this run needs an H100/H200 (use --smoke on CPU)",
-              file=sys.stderr)
+        print("gpu_run: CUDA is not available; this run needs an H100/H200 (use --smoke on CPU)", file=sys.stderr)
         return 2
     env = dict(os.environ)
     if args.smoke:  # CPU shapes through the interpreter, also on a machine that has a GPU
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="gpu_run_")
-
-    tuned = None
-    if args.tune:
-        cmd = [sys.executable, "-m", "benchmarks.tune", "--out", args.out, "--budget-s", str(args.tune_s)]
-        cmd += ["--smoke"] if args.smoke else []
-        print("$", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)
-        tuned = {"rc": proc.returncode, "seconds": round(time.time() - start, 1)}
-        if proc.returncode:
-            print("gpu_run: tuning failed; measuring with the committed configurations", file=sys.stderr)
-
-    # The benchmarks first (they answer the targets), the test suite under CUDA in what is left
-    # of the box: a reserve of a quarter of it, at most 3 minutes, is kept for the tests.
-    reserve = 0.0 if args.skip_tests else min(180.0, 0.25 * args.budget_s)
-    raw_path = os.path.join(work, "raw.json")
-    env["INTERNVIT_BENCH_DEADLINE"] = str(start + args.budget_s - reserve)
-    bench = _pytest(["-q", "-rs", "benchmarks/bench_kernels.py", "benchmarks/bench_backbone.py",
-                     "benchmarks/bench_segmentation.py", f"--benchmark-json={raw_path}"], env,
-                    os.path.join(work, "bench.log"))
-
-    if args.skip_tests:
-        tests = {"rc": 0, "summary": "not run (--skip-tests)", "counts": {}}
-    elif args.smoke:  # CI runs the whole suite anyway; exercise the path with one file
-        tests = _pytest(["-q", "tests/test_fast_model.py", "-k", "compiles"], env, os.path.join(work, "tests.log"))
+        card = "cpu-smoke"
     else:
-        # test_tools.py checks CPU-side tooling (compile gate, smoke run): CI covers it. The
-        # kernels and the fast model first: what only the GPU can show.
-        left = max(30.0, start + args.budget_s - time.time())
-        tests = _pytest(["-q", "-x", "tests/test_kernels.py", "tests/test_fast_model.py", "tests/test_graphs.py",
-                         "tests/test_model.py", "tests/test_checkpoint.py"], env, os.path.join(work, "tests.log"),
-                        timeout=left)
-    raw = json.load(open(raw_path)) if os.path.exists(raw_path) else {}
-    res = collect(raw)
-    bench_log = open(os.path.join(work, "bench.log")).read()
-    res["not_measured"] = sorted(set(re.findall(r"SKIPPED \[\d+\] (.+)", bench_log)))
-    ceil = next((r for r in res["kernels"] + res["backbone"] if "copy_gbs" in r), {})
-
-    date = datetime.date.today().isoformat()
-    card = _card(torch)
-    res.update({
-        "card": card, "date": date,
-        "command": "bash benchmarks/gpu_run.sh" + (" --smoke" if args.smoke else ""),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
-        "ceilings": {"copy_gbs": ceil.get("copy_gbs", float("nan")),
-                     "matmul_tflops": ceil.get("matmul_tflops", float("nan"))},
-        "tests": tests, "tuning": tuned, "benchmarks_rc": bench["rc"], "seconds": round(time.time() - start, 1),
-    })
-    stem = os.path.join(args.out, f"{date}-{_slug(card)}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    md = markdown(res)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    for name in ("tests.log", "bench.log"):  # the logs travel with the results
-        src = os.path.join(work, name)
-        if os.path.exists(src):
-            with open(src) as a, open(f"{stem}.{name}", "w") as b:
-                b.write(a.read())
-    print("\n" + md)
-    print(f"wrote {stem}.json and .md in {res['seconds']} s")
-    return 1 if tests["rc"] or bench["rc"] else 0
+        env.pop("TRITON_INTERPRET", None)
+        card = torch.cuda.get_device_name()
+    args.card = args.card or ("h200" if "H200" in card else "h100")
+    os.makedirs(args.out, exist_ok=True)
+    stages = run_plan.stages(args.tune, args.skip_tests, args.smoke)
+    est = run_plan.estimates(args.card, stages)
+    run = Run(args, torch, triton, card, est, stages)
+    for session in run_plan.sessions(stages):
+        box = sum(est[st.name] * st.box_factor for st in session)
+        if args.smoke:
+            box = max(box, 900.0)  # the interpreter is slow, and CI's own limit guards the time
+        left = run.left()
+        if left < 5:
+            for st in session:
+                run.stage(st.name)["status"] = "not reached"
+            run.write()
+            continue
+        box = min(box, left)
+        if session[0].command:
+            run_command(run, session[0], env, box, args)
+        else:
+            run_session(run, session, env, box, args.smoke)
+    os.remove(run.records_path) if os.path.exists(run.records_path) else None
+    run.write()
+    try:
+        from benchmarks.plot import plot
+        plot(run.res, run.stem + ".png")
+    except Exception as e:  # noqa: BLE001 - the chart is a convenience (no matplotlib, nothing measured)
+        run.log(f"no chart: {type(e).__name__}: {e}")
+    print("\n" + markdown(run.res))
+    print(f"wrote {run.stem}.json, .md, .log in {run.res['seconds']} s")
+    failed = any(s["status"] == "failed" for s in run.res["stages"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU run, for a machine with one H100/H200 and no network:
-#   bash benchmarks/gpu_run.sh [--out DIR] [--budget-s 450] [--smoke]
+#   bash benchmarks/gpu_run.sh [--tune] [--out DIR] [--budget-s 480] [--smoke]
+#   python -m benchmarks.gpu_run --plan --card h100      (the stages and their estimates)
 # Installs the project from the working tree without dependencies (the machine has
-# torch, triton, pytest and pytest-benchmark), then runs benchmarks/gpu_run.py:
-# the tests under CUDA, the kernel and backbone benchmarks, a results JSON + table.
+# torch, triton, pytest and pytest-benchmark), then runs benchmarks/gpu_run.py: the
+# stages of benchmarks/plan.py, the backbone comparison first, results rewritten as
+# they come into DIR (<date>-<card>.json, .md, .log, .png, tuned-<arch>.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

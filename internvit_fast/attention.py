@@ -55,8 +55,9 @@ def backend_name(q: torch.Tensor, use_flash_attn: bool) -> str:
 
 def sdpa_priority(q: torch.Tensor):
     """The context that orders SDPA's backends for ``q``: cuDNN first on sm_90, else torch's."""
-    if (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and not torch.compiler.is_compiling()):  # compiled graphs pick their own kernels
+    # Also while torch.compile traces (dynamo traces this context manager): a compiled model
+    # must run the same attention backend as eager, or a comparison measures backends.
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9:
         return sdpa_kernel(SM90_PRIORITY, set_priority=True)
     return contextlib.nullcontext()
 

@@ -55,6 +55,16 @@ def test_cli_image_preprocessing_matches_upstream_normalisation(tmp_path):
     torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
 
 
+def test_cli_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_path):
+    from helpers import small_model
+    torch.save(small_model(dtype=torch.float32, embed_dim=48).state_dict(), tmp_path / "other.pth")
+    p = run("-m", "internvit_fast", "--config", "small", "--paths", "reference", "--checkpoint",
+            str(tmp_path / "other.pth"), env={"TRITON_INTERPRET": "0"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "error: --checkpoint" in p.stderr and "other.pth" in p.stderr
+
+
 NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
 
 
@@ -155,22 +165,74 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert len(gemm) == 2 and all(e["impl"] in ("fused", "unfused") and {"fused", "unfused"} <= set(e["ms"])
                                   for e in gemm)  # proj and fc2, each timed against its alternative
     assert sorted(os.listdir(os.path.join(ROOT, "kernels", "tuned"))) == before  # smoke leaves no table
+    # what comes back from the device: at most 8 files; here the results, table, log, tuned table, chart
     (path,) = [f for f in glob.glob(str(tmp_path / "*.json")) if "tuned-" not in f]
+    stem = path[:-5]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(stem) + e for e in (".json", ".md", ".log", ".png")
+                                                  ) + ["tuned-smoke.json"]
     res = json.load(open(path))
-    assert res["tuning"]["rc"] == 0
-    checks = {c["check"] for c in res["checks"]}
-    assert checks == {"full_size_parity", "profile", "segmentation", "training"}
-    assert "Whole-image slide inference" in open(path[:-5] + ".md").read()
-    assert res["versions"]["torch"] and res["ceilings"]["copy_gbs"] > 0
-    kernels = {(k["kernel"], k["impl"]) for k in res["kernels"]}
-    assert {("rms_norm", "triton"), ("linear_gelu", "eager"), ("qk_norm", "compiled"),
-            ("linear_residual[fc2]", "unfused"), ("linear_gelu", "fused"), ("attention", "priority")} <= kernels
-    paths = {r["path"] for r in res["backbone"]}
-    assert {"reference", "fast", "compile-default", "compile-fast", "compile-max-autotune"} <= paths
-    assert os.path.exists(path[:-5] + ".md")
+    assert [s["name"] for s in res["stages"]] == [
+        "ceilings", "backbone-b4", "parity", "fused-vs-unfused-b4", "tune", "backbone-b4-tuned", "profile",
+        "segmentation", "training"]
+    assert res["stages_done"] == [s["name"] for s in res["stages"]] and res["stages_not_reached"] == []
+    assert all(s["seconds"] > 0 and s["estimate_s"] > 0 for s in res["stages"])  # real seconds beside estimates
+    assert res["ceilings"]["copy_gbs"] > 0 and res["ceilings"]["matmul_tflops"] > 0
+    assert {c["check"] for c in res["checks"]} == {"full_size_parity", "profile"}
+    assert {r["path"] for r in res["backbone"]} == {"reference", "fast", "compile-default", "compile-fast"}
+    assert all(r["ms"] > 0 and r["images_per_s"] > 0 and r["tflops"] > 0 for r in res["backbone"])
+    kernels = {(k["group"], k["impl"]) for k in res["kernels"]}
+    assert {("linear_gelu b1", "fused"), ("linear_gelu b1", "unfused"), ("rms_norm b1", "triton")} <= kernels
+    assert {r["path"] for r in res["slide"]} >= {"sequential-reference", "batched-fast", "batched-fast-backbone-only"}
+    assert any(0 < r.get("backbone_share", 0) <= 1 for r in res["slide"])
+    assert {r["path"] for r in res["training"]} == {"reference", "fast"}
+    md = open(stem + ".md").read()
+    assert "Whole-image slide inference" in md and "| backbone-b4 | done |" in md
+    assert open(stem + ".png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     p = run("-m", "benchmarks.plot", path, "-o", str(tmp_path / "chart.png"))
     assert p.returncode == 0, p.stderr
-    assert open(tmp_path / "chart.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_run_killed_after_its_first_stage_leaves_a_valid_file(tmp_path):
+    """Results are written as they come: kill the run once the first stage is done."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_run", "--smoke", "--skip-tests", "--out",
+                             str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        res = None
+        while time.time() < deadline and proc.poll() is None:
+            files = [f for f in glob.glob(str(tmp_path / "*.json"))]
+            if files:
+                res = json.load(open(files[0]))  # valid at every moment: written whole, then renamed
+                if res["stages_done"]:
+                    break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert res is not None and res["stages_done"] == ["ceilings"], res and res["stages"]
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    res = json.load(open(path))
+    assert res["ceilings"]["copy_gbs"] > 0 and "ceilings" in res["stages_done"]
+    assert "training" in res["stages_not_reached"]
+
+
+@pytest.mark.parametrize("card", ["h100", "h200"])
+def test_gpu_run_plan_fits_the_window(card):
+    p = run("-m", "benchmarks.gpu_run", "--plan", "--card", card, "--json")
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert plan["card"] == card and plan["total_s"] <= 480
+    names = [s["name"] for s in plan["stages"]]
+    assert names[:2] == ["ceilings", "backbone-b4"] and names[-1] == "tests"
+    (backbone,) = [s for s in plan["stages"] if "backbone" in s["name"] and "tuned" not in s["name"]]
+    assert backbone["start_s"] <= 120
+    starts = [s["start_s"] for s in plan["stages"]]
+    assert starts == sorted(starts) and all(s["seconds"] > 0 for s in plan["stages"])
+    assert abs(plan["total_s"] - sum(s["seconds"] for s in plan["stages"])) < 1e-6
+    assert names.index("tune") < names.index("backbone-b4-tuned") < names.index("segmentation")
 
 
 def test_gpu_run_fallback_layout_writes_tuned_tables_into_the_repository(tmp_path):
