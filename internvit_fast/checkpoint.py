@@ -35,7 +35,8 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Mapping, Tuple, Union
+import stat
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,7 @@ def _unwrap(sd, path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
+        raise CheckpointError(f"{path}: entries that are not tensors: {safe_pickle.brief(bad[:10])}")
     return dict(sd)
 
 
@@ -142,6 +143,7 @@ def _read_file(path: str) -> Dict[str, Entry]:
 
 def _read_index(index_path: str) -> Dict[str, Entry]:
     """A sharded set: the index json's weight_map names each tensor's shard file."""
+    regular_file(index_path, index_path, max_bytes=64 << 20)
     try:
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
@@ -155,6 +157,7 @@ def _read_index(index_path: str) -> Dict[str, Entry]:
         shard_path = _inside(folder, shard, index_path)
         if not os.path.exists(shard_path):
             raise CheckpointError(f"{index_path}: shard {shard} is missing")
+        regular_file(shard_path, index_path, folder)
         tensors = _read_file(shard_path)
         expected = {k for k, v in weight_map.items() if v == shard}
         missing = sorted(expected - set(tensors))
@@ -172,123 +175,44 @@ def _inside(folder: str, name: str, where: str) -> str:
     path = os.path.join(folder, name) if not bad else ""
     real_folder = os.path.realpath(folder or ".")
     if bad or os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
-        raise CheckpointError(f"{where}: names a file outside its folder: {name!r}")
+        raise CheckpointError(f"{where}: names a file outside its folder: {safe_pickle.brief(name)}")
+    return path
+
+
+def regular_file(path: str, where: str, folder: Optional[str] = None, max_bytes: Optional[int] = None) -> str:
+    """``path`` if it is a regular file (not a FIFO, device or folder: opening those can block
+    or never end), inside ``folder`` when one is given (links included), and at most
+    ``max_bytes`` long; else a CheckpointError."""
+    if folder is not None:
+        _inside(folder, os.path.relpath(path, folder), where)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read {path} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{where}: {path} is not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise CheckpointError(f"{where}: {path} is {st.st_size} bytes, more than such a file ever needs")
     return path
 
 
 def _read_distributed(folder: str) -> Dict[str, Entry]:
     """A sharded checkpoint written by torch.distributed.checkpoint (one file per process),
-    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``, read whole in one process.
-
-    Not through torch's DCP reader, which unpickles ``.metadata`` without restriction and
-    non-tensor entries with ``weights_only=False``: the metadata goes through
-    ``safe_pickle.load_dcp_metadata``, every tensor chunk through ``torch.load(weights_only=True)``,
-    and entries that are not tensors (pickled objects) are skipped with a log line. Every
-    chunk's file, byte range and place in its tensor is checked before anything is read."""
-    meta_path = os.path.join(folder, ".metadata")
-    try:
-        with open(meta_path, "rb") as f:
-            meta = safe_pickle.load_dcp_metadata(f.read())
-        out, skipped = _dcp_tensors(folder, meta, meta_path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated or crafted metadata file
-        raise CheckpointError(f"{meta_path}: not a readable torch.distributed.checkpoint metadata file "
-                              f"({type(e).__name__}: {str(e)[:300]})") from None
+    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``, read whole in one process by
+    this package's own reader (``dcp.py``: restricted metadata unpickling, chunks read
+    weights-only, every chunk checked before anything is read); entries that are not
+    tensors are left out with a log line."""
+    from . import dcp
+    stored, skipped = dcp.read_index(folder)
     if skipped:
         logger.info("%s: skipped %d entries that are not tensors: %s", folder, len(skipped), skipped[:10])
-    return out
+    return {k: LazyTensor(t.size, t.dtype, t.read, f"{folder}: {k}") for k, t in stored.items()}
 
 
 def _ints(v, what: str, where: str) -> Tuple[int, ...]:
     if not isinstance(v, (tuple, list)) or not all(type(i) is int and i >= 0 for i in v):
-        raise CheckpointError(f"{where}: {what} is not a list of non-negative integers: {v!r}"[:300])
+        raise CheckpointError(f"{where}: {what} is not a list of non-negative integers: {safe_pickle.brief(v)}")
     return tuple(v)
-
-
-def _dcp_tensors(folder: str, meta, meta_path: str):
-    field = safe_pickle.field
-    entries, storage = field(meta, "state_dict_metadata"), field(meta, "storage_data")
-    if not isinstance(entries, dict) or not isinstance(storage, dict):
-        raise CheckpointError(f"{meta_path}: metadata without state_dict_metadata/storage_data")
-    places: Dict[Tuple[str, tuple], tuple] = {}  # (fqn, chunk offsets) -> (file, byte offset, length)
-    file_sizes: Dict[str, int] = {}
-    for index, info in storage.items():
-        fqn, offsets = field(index, "fqn", "MetadataIndex"), field(index, "offset", "MetadataIndex")
-        where = f"{meta_path}: {fqn!r}"
-        if field(info, "transform_descriptors", "_StorageInfo"):
-            raise CheckpointError(f"{where}: stored with transforms {field(info, 'transform_descriptors')!r}, "
-                                  "which this reader does not apply")
-        path = _inside(folder, field(info, "relative_path"), meta_path)
-        start, length = _ints((field(info, "offset"), field(info, "length")), "byte range", where)
-        if path not in file_sizes:
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{meta_path}: shard file {os.path.basename(path)} is missing")
-            file_sizes[path] = os.path.getsize(path)
-        if start + length > file_sizes[path]:
-            raise CheckpointError(f"{path}: too short for {fqn!r} (bytes {start}..{start + length} of "
-                                  f"{file_sizes[path]}): a truncated shard")
-        key = (fqn, None if offsets is None else _ints(offsets, "chunk offset", where))
-        places[key] = (path, start, length)
-    out: Dict[str, Entry] = {}
-    skipped = []
-    for fqn, md in entries.items():
-        where = f"{meta_path}: {fqn!r}"
-        if not isinstance(fqn, str):
-            raise CheckpointError(f"{meta_path}: an entry name that is not a string: {fqn!r}"[:300])
-        if type(md) is safe_pickle.Record and md.kind == "BytesStorageMetadata":
-            skipped.append(fqn)
-            continue
-        props = field(md, "properties", "TensorStorageMetadata")
-        dtype = (field(props, "state", "TensorProperties") or (None,))[0] or field(props, "dtype")
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"{where}: no tensor dtype in its metadata")
-        size = _ints(field(md, "size"), "size", where)
-        chunks = []
-        for chunk in field(md, "chunks") or ():
-            offs = _ints(field(chunk, "offsets", "ChunkStorageMetadata"), "chunk offsets", where)
-            sizes = _ints(field(chunk, "sizes"), "chunk sizes", where)
-            if len(offs) != len(size) or len(sizes) != len(size) or \
-                    any(o + n > s for o, n, s in zip(offs, sizes, size)):
-                raise CheckpointError(f"{where}: chunk at {offs} of size {sizes} lies outside {size}")
-            if (fqn, offs) not in places:
-                raise CheckpointError(f"{where}: no stored data for the chunk at {offs}")
-            chunks.append((offs, sizes) + places[fqn, offs])
-        _check_chunks_tile(size, chunks, where)
-        out[fqn] = LazyTensor(size, dtype, lambda c=chunks, s=size, d=dtype, w=where: _read_chunks(c, s, d, w),
-                              f"{folder}: {fqn}")
-    return out, skipped
-
-
-def _check_chunks_tile(size, chunks, where: str) -> None:
-    """The chunks cover the tensor exactly once (no gap left as uninitialised memory)."""
-    def volume(n):
-        v = 1
-        for i in n:
-            v *= i
-        return v
-    if sum(volume(c[1]) for c in chunks) != volume(size):
-        raise CheckpointError(f"{where}: its chunks do not cover the tensor of shape {size}")
-    for i, (oa, na) in enumerate(c[:2] for c in chunks):
-        for ob, nb in (c[:2] for c in chunks[i + 1:]):
-            if volume(na) and volume(nb) and all(a < b + m and b < a + n for a, n, b, m in zip(oa, na, ob, nb)):
-                raise CheckpointError(f"{where}: chunks at {oa} and {ob} overlap")
-
-
-def _read_chunks(chunks, size, dtype, where: str) -> torch.Tensor:
-    import io
-    out = torch.empty(size, dtype=dtype)
-    for offs, sizes, path, start, length in chunks:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(length)
-        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if type(t) is not torch.Tensor or t.dtype != dtype or tuple(t.shape) != sizes:
-            raise CheckpointError(f"{where}: the chunk at {offs} holds {type(t).__name__} "
-                                  f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}, expected "
-                                  f"{dtype} {sizes}")
-        out[tuple(slice(o, o + n) for o, n in zip(offs, sizes))].copy_(t)
-    return out
 
 
 _WEIGHTS = (".safetensors", ".bin", ".pth", ".pt")
@@ -304,13 +228,14 @@ def read_state_dict(path) -> Dict[str, Entry]:
         index = [f for f in names if f.endswith((".safetensors.index.json", ".bin.index.json"))]
         single = [f for f in names if f.endswith(_WEIGHTS)]
         if len(index) == 1:
-            return _read_index(os.path.join(path, index[0]))
+            return _read_index(regular_file(os.path.join(path, index[0]), path, path))
         if not index and len(single) == 1:
-            return _read_file(os.path.join(path, single[0]))
+            return _read_file(regular_file(os.path.join(path, single[0]), path, path))
         raise CheckpointError(f"{path}: expected one *.index.json or one weights file ({', '.join(_WEIGHTS)}) "
                               f"in the folder, found {index + single}")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    regular_file(path, path)
     if path.endswith(".json"):
         return _read_index(path)
     return _read_file(path)
@@ -344,7 +269,8 @@ def _upstream_name(key: str) -> str:
     return key
 
 
-def to_upstream_keys(sd: Dict[str, Entry], model_keys) -> Tuple[Dict[str, Entry], str]:
+def to_upstream_keys(sd: Dict[str, Entry], model_keys, own_shapes: Optional[Mapping] = None
+                     ) -> Tuple[Dict[str, Entry], str]:
     """Map a checkpoint's keys onto the upstream backbone's; returns (state dict, prefix taken).
 
     The prefix is a structure of the file, not of a stray key: every prefix of one or two
@@ -368,9 +294,10 @@ def to_upstream_keys(sd: Dict[str, Entry], model_keys) -> Tuple[Dict[str, Entry]
         rest = [k for k in sd if not k.startswith(prefix)]
         logger.info("checkpoint: taking the %d keys under %r; leaving out %d others%s", len(out), prefix, len(rest),
                     f", e.g. {rest[:3]}" if rest else "")
-    if "cls_token" in out and len(out["cls_token"].shape) == 1:  # InternVL stores it flat
-        t = out["cls_token"]
-        out["cls_token"] = materialize(t).view(1, 1, -1)
+    t = out.get("cls_token")
+    want = own_shapes.get("cls_token") if own_shapes else None
+    if t is not None and len(t.shape) == 1 and (want is None or t.shape[0] == want[-1]):
+        out["cls_token"] = materialize(t).view(1, 1, -1)  # InternVL stores it flat (read once its size fits)
     return out, prefix
 
 
@@ -396,6 +323,16 @@ def _resize_patch_kernel(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
 
 
 _RESIZERS = {"pos_embed": _resize_pos_embed, "patch_embed.proj.weight": _resize_patch_kernel}
+# A table or kernel resized at load is read whole first: one far larger than the model's
+# (a 1344px table into a 224px model is 36x) is a file's way to make a load allocate memory.
+MAX_RESIZE_RATIO = 64
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _check_tensor(k: str, v: Entry) -> None:
@@ -436,6 +373,9 @@ def adapt_state_dict(sd: Dict[str, Entry], model: nn.Module) -> Dict[str, Entry]
             if k not in _RESIZERS:
                 raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} does not match the model's "
                                       f"{tuple(own[k].shape)}")
+            if _numel(v.shape) > MAX_RESIZE_RATIO * _numel(own[k].shape):
+                raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} is more than {MAX_RESIZE_RATIO}x the "
+                                      f"model's {tuple(own[k].shape)}; not resized")
             logger.info("checkpoint: resizing %s from %s to %s", k, tuple(v.shape), tuple(own[k].shape))
             v = _RESIZERS[k](materialize(v), own[k].shape)
         out[k] = v
@@ -456,7 +396,7 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> Tuple[List[s
     where = os.fspath(path)
     own = model.state_dict(keep_vars=True)
     try:
-        sd, _ = to_upstream_keys(read_state_dict(where), own)
+        sd, _ = to_upstream_keys(read_state_dict(where), own, {k: v.shape for k, v in own.items()})
         sd = adapt_state_dict(sd, model)
     except CheckpointError as e:
         if str(e).startswith(where):

@@ -8,6 +8,7 @@ and that the loader answered with a CheckpointError (an Exception) naming the fi
 import io
 import json
 import logging
+import os
 import pickle
 import struct
 import zipfile
@@ -118,18 +119,33 @@ def test_pickled_call_in_place_of_a_tensor_is_refused(tmp_path):
     assert not marker.exists() and _unchanged(dst, before)
 
 
-def test_legacy_format_is_read_weights_only(tmp_path):
-    src, dst = _fresh(), _fresh()
+def test_legacy_files_are_refused_without_being_read(tmp_path):
+    """Pre-zip torch files: torch's legacy loader extracts tar archives into a temporary folder
+    and, unrestricted, writes "patch" files; no file of this model needs it."""
+    import tarfile
+    src = _fresh()
     torch.save(src.state_dict(), tmp_path / "plain.pth", _use_new_zipfile_serialization=False)
-    load_checkpoint(dst, tmp_path / "plain.pth")
-    assert _same_weights(src, dst)
     marker = tmp_path / "marker"
     torch.save({"state_dict": src.state_dict(), "x": _Payload(marker)}, tmp_path / "legacy.pth",
                _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy.pth"):
-        load_checkpoint(_fresh(), tmp_path / "legacy.pth")
-    assert not marker.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.pth", "plain.pth"], "a file was written"
+    with tarfile.open(tmp_path / "archive.pth", "w") as tar:
+        (tmp_path / "storages").write_bytes(b"")
+        tar.add(tmp_path / "storages", arcname="storages")
+    (tmp_path / "storages").unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    import tempfile
+    made = []
+    real = tempfile.mkdtemp
+    tempfile.mkdtemp = lambda *a, **k: made.append(1) or real(*a, **k)
+    try:
+        for name, what in (("plain.pth", "not a zip archive"), ("legacy.pth", "not a zip archive"),
+                           ("archive.pth", "a tar archive")):
+            with pytest.raises(CheckpointError, match=f"{name}.*{what}.*re-save"):
+                load_checkpoint(_fresh(), tmp_path / name)
+    finally:
+        tempfile.mkdtemp = real
+    assert not marker.exists() and not made, "a legacy loader ran"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a file was written"
 
 
 def test_loader_never_unpickles_without_restriction(tmp_path, monkeypatch):
@@ -143,9 +159,10 @@ def test_loader_never_unpickles_without_restriction(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", spy)
     src = _fresh()
     torch.save({"state_dict": src.state_dict(), "meta": {"x": _Payload(tmp_path / "m")}}, tmp_path / "a.pth")
-    torch.save(src.state_dict(), tmp_path / "b.pth", _use_new_zipfile_serialization=False)
-    for name in ("a.pth", "b.pth"):
-        load_checkpoint(_fresh(), tmp_path / name)
+    load_checkpoint(_fresh(), tmp_path / "a.pth")
+    folder = tmp_path / "dcp"
+    _dcp_save(src.state_dict(), folder)
+    load_checkpoint(_fresh(), folder)
     assert calls and all(c is True for c in calls), calls
 
 
@@ -187,7 +204,7 @@ def test_tensor_subclass_is_a_checkpoint_error(tmp_path, cls):
     before = _snapshot(dst)
     with torch.serialization.safe_globals([cls]):
         assert type(torch.load(path, weights_only=True)["cls_token"]) is cls  # what the file holds
-        with pytest.raises(CheckpointError, match="cls_token.*subclass"):
+        with pytest.raises(CheckpointError, match="cls_token.*subclass|refused call of torch._utils._rebuild_wrapper"):
             load_checkpoint(dst, path, strict=False)
     assert _unchanged(dst, before)
 
@@ -341,3 +358,290 @@ def test_prefix_detection_is_linear_in_the_number_of_keys(monkeypatch):
         out, prefix = to_upstream_keys(sd, own)
         assert prefix == "module." and set(out) == set(own)
         assert len(calls) <= 3 * len(sd) + 10, (n, len(calls))
+
+
+# --- files that try to take the process down (found by an independent review) -----------------
+
+def _zip_pickle(path, data_pkl, compress=zipfile.ZIP_STORED):
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w", compress) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+
+
+@pytest.mark.parametrize("compress", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_deeply_nested_values_are_refused_before_they_are_built(tmp_path, compress):
+    # 200,000 nested 1-tuples as a dict key: hashing it recurses in C and kills the interpreter
+    _zip_pickle(tmp_path / "deep.pth", b"\x80\x02})" + b"\x85" * 200_000 + b"K\x01s.", compress)
+    with pytest.raises(CheckpointError, match="deeper than|compressed"):
+        load_checkpoint(_fresh(), tmp_path / "deep.pth")
+    from internvit_fast import safe_pickle
+    with pytest.raises(safe_pickle.UnsafeFileError, match="deeper than"):
+        safe_pickle.load_dcp_metadata(b"\x80\x02)" + b"\x85" * 200_000 + b".")
+
+
+def test_a_memoized_dag_of_tuples_is_refused_before_it_is_built(tmp_path):
+    # t(i+1) = (t(i), t(i)) through the memo: 24 levels are 2^24 parts to hash, compare or print
+    dag = b"\x80\x02)q\x00" + b"h\x00h\x00\x86q\x00" * 24 + b"."
+    from internvit_fast import safe_pickle
+    with pytest.raises(safe_pickle.UnsafeFileError, match="expands to more than"):
+        safe_pickle.load_dcp_metadata(dag)
+    _zip_pickle(tmp_path / "dag.pth", b"\x80\x02}" + dag[2:-1] + b"K\x01s.")
+    with pytest.raises(CheckpointError, match="expands to more than"):
+        load_checkpoint(_fresh(), tmp_path / "dag.pth")
+
+
+def test_allocations_the_file_does_not_hold_are_refused(tmp_path):
+    one = b"cbuiltins\nbytearray\nJ" + struct.pack("<i", 1 << 30) + b"\x85R"  # 1 GB from 30 bytes
+    _zip_pickle(tmp_path / "b.pth", b"\x80\x02(" + one * 3 + b"t.")
+    with pytest.raises(CheckpointError, match="bytearray"):
+        load_checkpoint(_fresh(), tmp_path / "b.pth")
+    # a tensor whose size reaches past its storage (torch would grow the storage to fit)
+    buf = io.BytesIO()
+    torch.save({"cls_token": torch.zeros(1, 1, 96)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        name = [n for n in z.namelist() if n.endswith("data.pkl")][0]
+        pkl = z.read(name)
+    grown = pkl.replace(b"K\x01K\x01K`\x87", b"K\x01K\x01J" + struct.pack("<i", 1 << 30) + b"\x87", 1)
+    assert grown != pkl
+    _zip_pickle(tmp_path / "grow.pth", grown)
+    with pytest.raises(CheckpointError, match="reaches past its storage"):
+        load_checkpoint(_fresh(), tmp_path / "grow.pth", strict=False)
+
+
+@pytest.mark.parametrize("codec", ["koi8_u", "idna"])
+def test_codecs_that_import_modules_are_refused(tmp_path, codec):
+    import encodings
+    import sys
+    from internvit_fast import safe_pickle
+    cached, modules = set(encodings._cache), set(sys.modules)
+    _zip_pickle(tmp_path / "c.pth", b"\x80\x02c_codecs\nencode\n" + _binunicode("x") + _binunicode(codec) + b"\x86R.")
+    with pytest.raises(CheckpointError, match="latin-1"):
+        load_checkpoint(_fresh(), tmp_path / "c.pth")
+    meta = b"\x80\x02ctorch.serialization\n_get_layout\nC\x01x" + _binunicode(codec) + b"\x86R."
+    with pytest.raises(safe_pickle.UnsafeFileError):
+        safe_pickle.load_dcp_metadata(meta)
+    assert set(encodings._cache) == cached and set(sys.modules) == modules, "a file imported a module"
+
+
+def _meta_of(folder):
+    return pickle.loads((folder / ".metadata").read_bytes())  # the test's own file: trusted here
+
+
+def _write_meta(folder, meta):
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def _dcp_folder(tmp_path):
+    folder = tmp_path / "ck"
+    _dcp_save(_fresh().state_dict(), folder)
+    return folder
+
+
+def test_dcp_chunk_holding_a_pickled_call_does_not_run(tmp_path):
+    folder = _dcp_folder(tmp_path)
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Payload(marker))
+    meta = _meta_of(folder)
+    (folder / "evil.distcp").write_bytes(payload)
+    for index, info in meta.storage_data.items():
+        if index.fqn == "cls_token":
+            info.relative_path, info.offset, info.length = "evil.distcp", 0, len(payload)
+    _write_meta(folder, meta)
+    dst = _fresh()
+    before = _snapshot(dst)
+    with pytest.raises(CheckpointError, match="cls_token.*not a saved tensor"):
+        load_checkpoint(dst, folder)
+    assert not marker.exists() and _unchanged(dst, before)
+
+
+def test_dcp_chunk_that_is_damaged_is_found_before_anything_is_copied(tmp_path):
+    folder = _dcp_folder(tmp_path)
+    meta = _meta_of(folder)
+    last = max(meta.storage_data.values(), key=lambda i: i.offset)
+    data = bytearray((folder / last.relative_path).read_bytes())
+    data[last.offset:last.offset + last.length] = bytes(last.length)
+    (folder / last.relative_path).write_bytes(bytes(data))
+    dst = _fresh()
+    before = _snapshot(dst)
+    with pytest.raises(CheckpointError, match="not a saved tensor"):
+        load_checkpoint(dst, folder)
+    assert _unchanged(dst, before)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no chunks", "do not cover"),
+    ("overlap", "overlap"),
+    ("outside", "lies outside"),
+    ("negative", "non-negative"),
+    ("bool", "non-negative"),
+    ("wrong dtype", "expected one"),
+    ("transforms", "transforms"),
+])
+def test_dcp_chunk_layout_is_checked(tmp_path, damage, message):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    folder = _dcp_folder(tmp_path)
+    meta = _meta_of(folder)
+    md = meta.state_dict_metadata["blocks.0.mlp.fc1.weight"]
+    chunk = md.chunks[0]
+    if damage == "no chunks":
+        md.chunks = []
+    elif damage == "overlap":
+        md.chunks = [ChunkStorageMetadata(chunk.offsets, torch.Size([md.size[0] // 2 + 1, md.size[1]])),
+                     ChunkStorageMetadata(torch.Size([md.size[0] // 2, 0]),
+                                          torch.Size([md.size[0] - md.size[0] // 2 - 1, md.size[1]]))]
+    elif damage == "outside":
+        chunk.offsets = torch.Size([1, 0])
+    elif damage in ("negative", "bool"):
+        for index, info in meta.storage_data.items():
+            if index.fqn == "blocks.0.mlp.fc1.weight":
+                info.offset = -1 if damage == "negative" else True
+    elif damage == "wrong dtype":
+        md.properties.dtype = torch.float16
+    elif damage == "transforms":
+        for index, info in meta.storage_data.items():
+            if index.fqn == "blocks.0.mlp.fc1.weight":
+                info.transform_descriptors = ["zstd"]
+    _write_meta(folder, meta)
+    dst = _fresh()
+    before = _snapshot(dst)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(dst, folder)
+    assert _unchanged(dst, before)
+
+
+def test_dcp_tensor_of_a_huge_declared_size_is_never_read(tmp_path, monkeypatch):
+    """An expanded (stride 0) chunk can declare any size in 1.5 KB: the loader reads no tensor
+    whose shape does not fit the model (a flat cls_token is reshaped only at the model's size)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    from internvit_fast import dcp
+    folder = _dcp_folder(tmp_path)
+    meta = _meta_of(folder)
+    n = 1 << 29
+    buf = io.BytesIO()
+    torch.save(torch.zeros(1).expand(n), buf)
+    (folder / "evil.distcp").write_bytes(buf.getvalue())
+    meta.state_dict_metadata["cls_token"] = TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32), torch.Size([n]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([n]))])
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    for index in [i for i in meta.storage_data if i.fqn == "cls_token"]:
+        del meta.storage_data[index]
+    meta.storage_data[MetadataIndex("cls_token", torch.Size([0]), 0)] = _StorageInfo("evil.distcp", 0,
+                                                                                     len(buf.getvalue()))
+    _write_meta(folder, meta)
+    reads = []
+    real = dcp.StoredTensor.read
+    monkeypatch.setattr(dcp.StoredTensor, "read", lambda self, *a: reads.append(self.fqn) or real(self, *a))
+    with pytest.raises(CheckpointError, match="cls_token.*does not match"):
+        load_checkpoint(_fresh(), folder)
+    assert "cls_token" not in reads
+
+
+def test_resized_tensors_far_larger_than_the_model_are_not_read(tmp_path):
+    sd = dict(_fresh().state_dict())
+    sd["patch_embed.proj.weight"] = torch.zeros(1, dtype=torch.bfloat16).expand(96, 3, 1400, 1400)
+    torch.save(sd, tmp_path / "k.pth")
+    with pytest.raises(CheckpointError, match="patch_embed.proj.weight.*not resized"):
+        load_checkpoint(_fresh(), tmp_path / "k.pth")
+
+
+def _without_blocking(fn, seconds=20):
+    import threading
+    box = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "the loader blocked"
+    return box.get("error")
+
+
+@pytest.mark.parametrize("what", ["metadata link", "metadata fifo", "metadata device", "weights link",
+                                  "weights fifo", "shard fifo", "sibling link"])
+def test_a_folder_cannot_point_reads_elsewhere_or_block(tmp_path, what):
+    from safetensors.torch import save_file
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not yours")
+    folder = tmp_path / "set"
+    if what.startswith("metadata"):
+        folder = _dcp_folder(tmp_path)
+        (folder / ".metadata").unlink()
+        if what == "metadata link":
+            (folder / ".metadata").symlink_to(outside / "secret")
+        elif what == "metadata fifo":
+            os.mkfifo(folder / ".metadata")
+        else:
+            (folder / ".metadata").symlink_to("/dev/zero")
+    else:
+        folder.mkdir()
+        if what == "weights link":
+            save_file(_fresh().state_dict(), str(outside / "w.safetensors"))
+            (folder / "model.safetensors").symlink_to(outside / "w.safetensors")
+        elif what == "weights fifo":
+            os.mkfifo(folder / "model.pth")
+        elif what == "shard fifo":
+            os.mkfifo(folder / "a.safetensors")
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"cls_token": "a.safetensors"}}))
+        else:  # a link to a sibling folder whose name starts like this one's ("set" / "set_private")
+            private = tmp_path / "set_private"
+            private.mkdir()
+            save_file(_fresh().state_dict(), str(private / "w.safetensors"))
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"cls_token": "link/w.safetensors"}}))
+            (folder / "link").symlink_to(private)
+    error = _without_blocking(lambda: load_checkpoint(_fresh(), folder, strict=False))
+    assert isinstance(error, CheckpointError), error
+    assert "not a regular file" in str(error) or "outside its folder" in str(error), error
+
+
+def test_placeholders_keep_nothing_of_the_file(tmp_path):
+    from internvit_fast import safe_pickle
+    torch.save({"state_dict": {}, "x": _Stateful()}, tmp_path / "s.pth")
+    obj, skipped = safe_pickle.load_torch_file(str(tmp_path / "s.pth"))
+    assert skipped == [f"{__name__}._Stateful"]
+    assert not hasattr(obj["x"], "__dict__") and not hasattr(obj["x"], "secret")
+
+
+class _Stateful:
+    def __init__(self):
+        self.secret = "x" * 1000
+
+
+@pytest.mark.parametrize("op", [b"i__main__\nX\n", b"o", b"\x82\x01", b"P1\n", b"Q", b"\x92", b"\x96"])
+def test_dcp_metadata_refuses_opcodes_a_data_file_never_needs(op):
+    from internvit_fast import safe_pickle
+    with pytest.raises(safe_pickle.UnsafeFileError):
+        safe_pickle.load_dcp_metadata(b"\x80\x04(" + op + b".")
+
+
+@pytest.mark.parametrize("body", [
+    b"cbuiltins\ngetattr\n",                                               # a global not on the list
+    b"\x8c\x05torch\x94\x8c\x04Size\x94\x93)\x81.",                         # NEWOBJ of a non-record class
+    b"ctorch\nfloat32\n)R.",                                               # calling a dtype
+    b"ctorch\nSize\n)Ra.",                                                 # APPEND onto a torch.Size
+    b"\x8f(K\x01\x90ctorch\nSize\n)R(K\x01\x90.",                           # ADDITEMS onto a non-set
+])
+def test_dcp_metadata_state_changes_and_calls_outside_the_list_are_refused(body):
+    from internvit_fast import safe_pickle
+    with pytest.raises(safe_pickle.UnsafeFileError):
+        safe_pickle.load_dcp_metadata(b"\x80\x04" + body)
+
+
+def test_many_empty_chunks_do_not_make_loading_quadratic(tmp_path):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    folder = _dcp_folder(tmp_path)
+    meta = _meta_of(folder)
+    empty = ChunkStorageMetadata(torch.Size([0, 0, 0]), torch.Size([0, 0, 0]))
+    meta.state_dict_metadata["cls_token"].chunks += [empty] * 20000
+    _write_meta(folder, meta)
+    error = _without_blocking(lambda: load_checkpoint(_fresh(), folder), seconds=60)
+    assert error is None
