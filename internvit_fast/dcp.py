@@ -19,7 +19,6 @@ message hub) in ``runner_state.pth`` beside it, read back by the safe loader.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from dataclasses import dataclass

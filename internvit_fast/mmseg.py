@@ -1,10 +1,13 @@
 """MMSegmentation adapter: registers ``InternViT6B``, upstream's linear-probe ``BNHead``,
 ``BatchedSlideEncoderDecoder`` (mmseg's EncoderDecoder with its sliding windows batched),
 upstream's layer-wise lr decay (``InternViTLayerDecayOptimizerConstructor``), and the
-multi-process wrappers ``InternViTDDP`` and ``InternViTFSDP`` with ``ShardedCheckpointHook``.
+multi-process wrappers ``InternViTDDP`` and ``InternViTFSDP``; ``mmseg_runner`` adds what a
+training run needs (safe checkpoint reading for the runner, ``ShardedCheckpointHook``,
+``SyncNormStatsHook``, ``FP32MasterOptimWrapper``, the command line).
 
-    python -m internvit_fast.mmseg train CONFIG [--work-dir DIR] [--cfg-options k=v ...]
-    python -m internvit_fast.mmseg test CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+    python -m internvit_fast.mmseg train CONFIG [--resume [PATH]] [--load-from PATH] [--crop-size N]
+                                                [--fp32-master] [--work-dir DIR] [--cfg-options k=v ...]
+    python -m internvit_fast.mmseg test CONFIG CHECKPOINT [--crop-size N] [--work-dir DIR] [--cfg-options ...]
     torchrun --nproc_per_node 8 -m internvit_fast.mmseg train CONFIG     (DDP, or FSDP by config)
 
 In a config::
@@ -19,6 +22,7 @@ With MMSegmentation 1.x the classes go into ``mmseg.registry.MODELS``; with 0.x 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Optional
 
@@ -31,13 +35,14 @@ from .slide import slide_logits
 
 try:  # MMSegmentation 1.x
     from mmengine.model import BaseModule
+    from mmengine.logging import print_log
     from mmengine.optim import DefaultOptimWrapperConstructor
     from mmseg.models.decode_heads.decode_head import BaseDecodeHead
     from mmseg.models.segmentors import EncoderDecoder
     from mmseg.registry import MODELS as _BACKBONES
     # mmengine's root registry: the runner looks wrappers up there (children find them too)
     from mmengine.registry import MODEL_WRAPPERS
-    from mmseg.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
+    from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
     _HEADS = _BACKBONES
     MMSEG_1X = True
 except ImportError:  # MMSegmentation 0.x
@@ -139,6 +144,11 @@ if MMSEG_1X:
         """
 
         def add_params(self, params, module, **kwargs):
+            depth = getattr(getattr(module, "backbone", None), "depth", None)
+            if depth is not None and self.paramwise_cfg["num_layers"] != depth:
+                # A shrunk or 45-block backbone with num_layers=48 would get every scale wrong.
+                raise ValueError(f"paramwise_cfg.num_layers={self.paramwise_cfg['num_layers']} but the backbone has "
+                                 f"depth={depth}: set paramwise_cfg.num_layers={depth}")
             num_layers = self.paramwise_cfg["num_layers"] + 2
             rate = self.paramwise_cfg["layer_decay_rate"]
             embed_no_decay = self.paramwise_cfg.get("embed_no_decay", False)
@@ -158,6 +168,10 @@ if MMSEG_1X:
                 groups[key]["params"].append(param)
                 groups[key]["param_names"].append(name)
             params.extend(groups.values())
+            # As upstream's constructor logs them: each group's parameters, lr scale and decay.
+            info = {k: {n: g[n] for n in ("param_names", "lr_scale", "lr", "weight_decay")} for k, g in groups.items()}
+            print_log(f"layer-wise lr decay: {len(groups)} parameter groups = {json.dumps(info, indent=2)}",
+                      logger="current")
 
 
 # --- more than one process --------------------------------------------------------------
@@ -169,7 +183,6 @@ def _local_device(module: nn.Module) -> Optional[list]:
 
 
 if MMSEG_1X:
-    from mmengine.hooks import Hook
     from mmengine.model import MMDistributedDataParallel
 
     @MODEL_WRAPPERS.register_module(name="InternViTDDP", force=True)
@@ -179,6 +192,9 @@ if MMSEG_1X:
         mmengine's runner passes ``device_ids=[LOCAL_RANK]`` to DDP subclasses, which DDP
         refuses for a CPU module; this builds the same wrapper with ``None`` there (gloo on
         CPU) and the local GPU otherwise. ``model_wrapper_cfg=dict(type='InternViTDDP')``.
+        Buffers are not broadcast from rank 0 at every forward: ``SyncNormStatsHook`` (in the
+        configs) averages the BatchNorm statistics after every iteration instead, so every
+        process validates with, and every checkpoint holds, the same statistics.
         """
 
         def __new__(cls, module, **kwargs):
@@ -191,19 +207,27 @@ if MMSEG_1X:
 
         Each ViT block is a unit (its weights gathered for its forward and backward only),
         then the rest of the backbone, then the root (the heads): parameters, gradients and
-        AdamW state are split over the processes. With ``with_cp=True`` the blocks recompute their activations in the
-        backward. ``model_wrapper_cfg=dict(type='InternViTFSDP')``; save with
-        ``ShardedCheckpointHook`` (each process writes its shards; ``load_checkpoint`` reads
-        the folder back whole). Train through ``python -m internvit_fast.mmseg train``: mmengine's
+        AdamW state are split over the processes. With ``with_cp=True`` the blocks recompute
+        their activations in the backward. ``model_wrapper_cfg=dict(type='InternViTFSDP')``;
+        save with ``ShardedCheckpointHook`` (each process writes its shards and its optimizer
+        state; ``--resume`` reads back each process's part, ``load_checkpoint`` reads the
+        weights whole). Train through ``python -m internvit_fast.mmseg train``: mmengine's
         runner would otherwise broadcast the sharded weights after building them, which fails.
+
+        ``fp32_master=True``: the backbone is built in fp32 (``dtype='float32'``) and its units
+        compute in bf16 under FSDP2's mixed-precision policy (gradients reduced in fp32), so
+        the sharded fp32 parameters are the master weights the optimizer updates.
         """
 
-        def __init__(self, module, reshard_after_forward: bool = True):
+        def __init__(self, module, reshard_after_forward: bool = True, fp32_master: bool = False):
             super().__init__()
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             blocks = getattr(getattr(module, "backbone", None), "blocks", None)
             if blocks is None:
                 raise ValueError("InternViTFSDP: the model has no backbone.blocks to shard")
+            if fp32_master and module.backbone.dtype != torch.float32:
+                raise ValueError("InternViTFSDP(fp32_master=True) needs the backbone built in fp32 "
+                                 f"(backbone dtype='float32'), got {module.backbone.dtype}")
             # Weights (pretrained ones included) are set on the whole tensors, before sharding:
             # every process builds the same model (mmengine seeds them alike), then keeps its
             # shards. Later init_weights calls (the runner's) must not touch sharded tensors.
@@ -211,11 +235,14 @@ if MMSEG_1X:
                 module.init_weights()
                 module.init_weights = lambda: None
             self.initialised = True
-            # One unit per block, then the rest of the backbone (bf16), then the root: the heads
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fp32_master \
+                else MixedPrecisionPolicy()
+            # One unit per block, then the rest of the backbone, then the root: the heads
             # (fp32; FSDP wants one dtype per unit). The heads cannot be units of their own:
             # mmseg calls their forward() directly, past the hooks that gather a unit's weights.
-            for unit in list(blocks) + [module.backbone, module]:
-                fully_shard(unit, reshard_after_forward=reshard_after_forward)
+            for unit in list(blocks) + [module.backbone]:
+                fully_shard(unit, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            fully_shard(module, reshard_after_forward=reshard_after_forward)
             self.module = module
 
         def train_step(self, data, optim_wrapper):
@@ -227,95 +254,14 @@ if MMSEG_1X:
         def test_step(self, data):
             return self.module.test_step(data)
 
-    def save_sharded_checkpoint(model: nn.Module, folder: str) -> None:
-        """Every process writes its shards of the model's weights into ``folder``
-        (torch.distributed.checkpoint); ``internvit_fast.load_checkpoint`` reads it whole."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        module = getattr(model, "module", model)
-        dcp.save(get_model_state_dict(module), checkpoint_id=folder)
+    # The run's plumbing (checkpoints, hooks, the fp32-master optimizer wrapper, the CLI)
+    # registers itself in mmengine's registries when imported.
+    from . import mmseg_runner  # noqa: E402,F401
 
-    @HOOKS.register_module(name="ShardedCheckpointHook", force=True)
-    class ShardedCheckpointHook(Hook):
-        """Saves ``iter_N/`` sharded checkpoints every ``interval`` iterations and after training
-        (mmengine's CheckpointHook would save rank 0's shards only)."""
-        priority = "VERY_LOW"
-
-        def __init__(self, interval: int = 1000):
-            self.interval = interval
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            if self.every_n_train_iters(runner, self.interval):
-                self._save(runner)
-
-        def after_train(self, runner):
-            self._save(runner)
-
-        def _save(self, runner):
-            folder = os.path.join(runner.work_dir, f"iter_{runner.iter}")
-            save_sharded_checkpoint(runner.model, folder)
-            runner.logger.info(f"sharded checkpoint saved to {folder}")
-
-
-# --- python -m internvit_fast.mmseg train|test ------------------------------------------------
 
 def main(argv=None) -> int:
-    import argparse
-
-    from mmengine.config import Config, DictAction
-    from mmengine.runner import Runner
-
-    ap = argparse.ArgumentParser(prog="python -m internvit_fast.mmseg",
-                                 description="Train or test an MMSegmentation config with internvit_fast.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("train", "test"):
-        p = sub.add_parser(name)
-        p.add_argument("config")
-        if name == "test":
-            p.add_argument("checkpoint", help="a segmentor checkpoint (any format internvit_fast loads)")
-        p.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<config name>)")
-        p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                       help="override config keys, e.g. train_cfg.max_iters=100")
-        p.add_argument("--launcher", choices=["none", "pytorch"],
-                       help="default: pytorch under torchrun (WORLD_SIZE set), else none")
-    args = ap.parse_args(argv)
-    if not os.path.exists(args.config):
-        ap.error(f"{args.config}: no such config file")
-    cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher or ("pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none")
-    if cfg.launcher == "pytorch" and not torch.cuda.is_available():
-        # mmengine's pytorch launcher calls torch.cuda.set_device, which a CPU-only torch lacks:
-        # join the torchrun group with gloo here (the runner then skips its own setup), and
-        # wrap with InternViTDDP (mmengine's default wrapper passes GPU device_ids).
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        if cfg.get("model_wrapper_cfg") is None:
-            cfg.model_wrapper_cfg = dict(type="InternViTDDP")
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
-        "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
-    if args.command == "test":
-        if not os.path.exists(args.checkpoint):
-            ap.error(f"{args.checkpoint}: no such checkpoint")
-        runner = Runner.from_cfg(cfg)
-        # Through internvit_fast's loader: safe unpickling, sharded folders, key layouts.
-        from .checkpoint import read_state_dict
-        model = getattr(runner.model, "module", runner.model)
-        sd = {k: v.load() if hasattr(v, "load") else v for k, v in read_state_dict(args.checkpoint).items()}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            ap.error(f"{args.checkpoint}: does not match the model: missing {missing[:5]}, unexpected "
-                     f"{unexpected[:5]}")
-        runner.test()
-    else:
-        runner = Runner.from_cfg(cfg)
-        if getattr(runner.model, "initialised", False):
-            # InternViTFSDP set the weights before sharding; the runner's own step would
-            # broadcast the sharded tensors, which torch.distributed cannot do.
-            runner._init_model_weights = lambda: None
-        runner.train()
-    return 0
+    from .mmseg_runner import main as run_main
+    return run_main(argv)
 
 
 if __name__ == "__main__":

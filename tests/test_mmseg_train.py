@@ -1,5 +1,6 @@
 """Training as upstream does it, on MMSegmentation 1.x: layer-wise lr decay, the recipes, more
 than one process (DDP and FSDP on CPU with gloo), sharded checkpoints, the train/test entry."""
+import glob
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ def _groups(path, **paramwise):
     cfg = shrunk(path)
     model = MODELS.build(cfg.model)
     ow = dict(cfg.optim_wrapper)
-    ow["paramwise_cfg"] = dict(ow["paramwise_cfg"], num_layers=4, **paramwise)  # the shrunk depth
+    ow["paramwise_cfg"] = dict(ow["paramwise_cfg"], **dict(dict(num_layers=4), **paramwise))  # the shrunk depth
     optim = build_optim_wrapper(model, Config(dict(optim_wrapper=ow)).optim_wrapper).optimizer
     return {n: g for g in optim.param_groups for n in g["param_names"]}
 
@@ -176,8 +177,9 @@ def _worker(rank, world, wrapper, init_file, out_dir):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if wrapper == "InternViTFSDP":
-        from internvit_fast.mmseg import save_sharded_checkpoint
-        save_sharded_checkpoint(wrapped, os.path.join(out_dir, "sharded"))
+        from internvit_fast import dcp
+        dcp.save(os.path.join(out_dir, "sharded"),
+                 {f"model.{k}": v for k, v in get_model_state_dict(module).items()}, {})
     else:  # evaluation through the wrapper: each process predicts its image
         module.eval()
         pred = wrapped.test_step(dict(inputs=batch["inputs"], data_samples=[_sample(56, 56, labels=False)]))[0]
@@ -241,8 +243,8 @@ model = dict(
     backbone=dict(embed_dim=96, num_heads=3, depth=4, img_size=56, pretrain_size=56, out_indices=[0, 1, 2, 3],
                   drop_path_rate=0.1, fast=True),
     data_preprocessor=dict(size=(56, 56)),
-    decode_head=dict(in_channels=[96, 96, 96, 96], channels=16, norm_cfg=dict(type='BN', requires_grad=True)),
-    auxiliary_head=dict(in_channels=96, channels=16, norm_cfg=dict(type='BN', requires_grad=True)),
+    decode_head=dict(in_channels=[96, 96, 96, 96], channels=16{norm}),
+    auxiliary_head=dict(in_channels=96, channels=16{norm}),
     test_cfg=dict(crop_size=(56, 56), stride=(42, 42), max_windows=3))
 optim_wrapper = dict(paramwise_cfg=dict(num_layers=4))
 crop_size = (56, 56)
@@ -264,6 +266,7 @@ param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 {hooks}
 """
+BN = ", norm_cfg=dict(type='BN', requires_grad=True)"  # the heads' norm in TINY (SyncBN: the recipe's own)
 HOOKS = {"plain": "default_hooks = dict(checkpoint=dict(interval=2, save_best=None), logger=dict(interval=1))",
          "sharded": "default_hooks = dict(logger=dict(interval=1))\n"
                     "custom_hooks = [dict(type='ShardedCheckpointHook', interval=2)]"}
@@ -286,7 +289,7 @@ def test_train_and_test_entry_points(tmp_path):
     data = tmp_path / "ade"
     _tiny_dataset(data)
     cfg_path = tmp_path / "tiny.py"
-    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=HOOKS["plain"]))
+    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=HOOKS["plain"], norm=BN))
     env = dict(os.environ, TRITON_INTERPRET="1")
     work = tmp_path / "work"
     p = subprocess.run([sys.executable, "-m", "internvit_fast.mmseg", "train", str(cfg_path), "--work-dir",
@@ -300,33 +303,272 @@ def test_train_and_test_entry_points(tmp_path):
     assert "mIoU" in p.stdout + p.stderr
     bad = subprocess.run([sys.executable, "-m", "internvit_fast.mmseg", "test", str(cfg_path), "/nonexistent.pth"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "checkpoint /nonexistent.pth: no such file or folder" in bad.stderr
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_torchrun_trains_with_two_processes_through_mmengines_runner(tmp_path, wrapper):
+def _run(args, work_env=None, torchrun=False, timeout=900):
+    """python -m internvit_fast.mmseg ARGS (under torchrun with two processes when asked)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29500 + (os.getpid() + sum(map(ord, str(args)))) % 1000)] if torchrun else [sys.executable]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", **(work_env or {}))
+    p = subprocess.run(head + ["-m", "internvit_fast.mmseg", *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+# Deterministic runs to compare: no dropout, no drop path, a fixed seed, a short warm-up.
+EXACT = ["randomness.seed=0", "model.backbone.drop_path_rate=0.0", "model.decode_head.dropout_ratio=0.0",
+         "model.auxiliary_head.dropout_ratio=0.0", "param_scheduler.0.end=4"]
+
+BN_DUMP = """
+import torch
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module(force=True)
+class BNDumpHook(Hook):
+    priority = 'LOWEST'
+
+    def after_train(self, runner):
+        module = getattr(runner.model, 'module', runner.model)
+        stats = {n: b.clone() for n, b in module.named_buffers() if 'running_' in n}
+        torch.save(stats, f'{runner.work_dir}/bn_rank{dist.get_rank()}.pt')
+"""
+
+
+def test_torchrun_with_the_recipes_syncbn_on_cpu_keeps_one_set_of_norm_statistics(tmp_path):
+    """The shipped recipe's heads (SyncBN) under torchrun without CUDA: reverted to BatchNorm with
+    a log line; after training every process holds the same running statistics, and the
+    checkpoint holds those (each process trained on its own images)."""
+    data = tmp_path / "ade"
+    _tiny_dataset(data)
+    (tmp_path / "bn_dump.py").write_text(BN_DUMP)
+    hooks = HOOKS["plain"] + "\ncustom_imports = dict(imports=['internvit_fast.mmseg', 'bn_dump'])\n" \
+        "custom_hooks = [dict(type='SyncNormStatsHook'), dict(type='BNDumpHook')]"
+    cfg_path = tmp_path / "tiny.py"
+    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=hooks, norm=""))
+    work = tmp_path / "work"
+    rc, log = _run(["train", cfg_path, "--work-dir", work, "--cfg-options", "model.backbone.fast=False"],
+                   {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}, torchrun=True)
+    assert rc == 0, log[-4000:]
+    assert "SyncBN norm layers reverted to BatchNorm" in log
+    ranks = [torch.load(work / f"bn_rank{r}.pt", weights_only=True) for r in range(2)]
+    from internvit_fast.mmseg_runner import read_runner_file
+    saved = read_runner_file(str(work / "iter_2.pth"))["state_dict"]
+    assert ranks[0] and set(ranks[0]) == set(ranks[1])
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), f"{name}: the processes ended with different statistics"
+        assert torch.equal(value, saved[name]), f"{name}: the checkpoint holds other statistics"
+
+
+def test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests(tmp_path):
+    """torchrun, FSDP: iter_N folders named after N iterations, the last two kept, the best
+    kept apart, last_checkpoint, no temporary folder left; --resume from one continues to the
+    same weights and optimizer state as the uninterrupted run; test under torchrun."""
     data = tmp_path / "ade"
     _tiny_dataset(data)
     cfg_path = tmp_path / "tiny.py"
-    cfg_path.write_text(TINY.format(base=FULL if wrapper == "ddp" else FSDP, data=str(data),
-                                    hooks=HOOKS["plain" if wrapper == "ddp" else "sharded"]))
-    work = tmp_path / "work"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), "-m", "internvit_fast.mmseg", "train", str(cfg_path),
-                        "--work-dir", str(work)], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1",
-                                                                     OMP_NUM_THREADS="1"),
-                       capture_output=True, text=True, timeout=900)
-    log = p.stdout + p.stderr
-    assert p.returncode == 0, log[-4000:]
+    hooks = ("default_hooks = dict(logger=dict(interval=1))\n"
+             "custom_hooks = [dict(type='ShardedCheckpointHook', interval=1, max_keep_ckpts=2, save_best='mIoU')]")
+    cfg_path.write_text(TINY.format(base=FSDP, data=str(data), hooks=hooks, norm=BN))
+    opts = ["--cfg-options", "train_cfg.max_iters=4", *EXACT]
+    first, second = tmp_path / "first", tmp_path / "second"
+    rc, log = _run(["train", cfg_path, "--work-dir", first, *opts], torchrun=True)
+    assert rc == 0, log[-4000:]
+    folders = sorted(p.name for p in first.iterdir() if p.is_dir() and (p / ".metadata").exists())
+    best = [f for f in folders if f.startswith("best_mIoU_iter_")]
+    assert [f for f in folders if f.startswith("iter_")] == ["iter_3", "iter_4"] and len(best) == 1, folders
+    assert not [p for p in first.iterdir() if p.name.endswith(".tmp")]
+    assert (first / "last_checkpoint").read_text().strip() == str(first / "iter_4")
+    assert "layer-wise lr decay: 12 parameter groups" in _mmengine_log(first)  # in mmengine's log file
+
+    rc, log = _run(["train", cfg_path, "--work-dir", second, "--resume", first / "iter_3", *opts], torchrun=True)
+    assert rc == 0, log[-4000:]
+    assert "resumed from" in log and "iter 3" in log
+    from internvit_fast.checkpoint import read_state_dict
+    a, b = read_state_dict(first / "iter_4"), read_state_dict(second / "iter_4")
+    assert set(a) == set(b) and any(k.startswith("optimizer.state.") for k in a)
+    for k in a:
+        assert torch.equal(a[k].load(), b[k].load()), f"{k}: the resumed run differs"
+
+    rc, log = _run(["test", cfg_path, first / "iter_4", "--work-dir", tmp_path / "test"], torchrun=True)
+    assert rc == 0, log[-4000:]
     assert "mIoU" in log
-    if wrapper == "fsdp":
-        assert (work / "iter_2" / ".metadata").exists()
-        from internvit_fast import InternViT6B, load_checkpoint
-        fresh = InternViT6B(embed_dim=96, num_heads=3, depth=4, img_size=56, pretrain_size=56,
-                            out_indices=[0, 1, 2, 3], with_fpn=True)
-        load_checkpoint(fresh, str(work / "iter_2"))
-    else:
-        assert (work / "iter_2.pth").exists()
+
+
+def _mmengine_log(work) -> str:
+    (log,) = glob.glob(str(work / "*" / "*.log"))
+    return open(log).read()
+
+
+def test_resume_and_load_from_in_one_process(tmp_path):
+    """A run of 2 iterations resumed to 4 (--resume: the newest checkpoint of the work dir, read
+    through the safe loader) ends where an uninterrupted run of 4 ends; --load-from starts from
+    a checkpoint's weights at iteration 0, and the loader's decisions are in mmengine's log."""
+    data = tmp_path / "ade"
+    _tiny_dataset(data)
+    cfg_path = tmp_path / "tiny.py"
+    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=HOOKS["plain"], norm=BN))
+    opts = ["--cfg-options", "model.backbone.fast=False", *EXACT]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    rc, log = _run(["train", cfg_path, "--work-dir", whole, *opts, "train_cfg.max_iters=4"])
+    assert rc == 0, log[-4000:]
+    rc, log = _run(["train", cfg_path, "--work-dir", parts, *opts, "train_cfg.max_iters=2"])
+    assert rc == 0, log[-4000:]
+    rc, log = _run(["train", cfg_path, "--work-dir", parts, "--resume", *opts, "train_cfg.max_iters=4"])
+    assert rc == 0, log[-4000:]
+    assert "resumed epoch: 0, iter: 2" in log
+    from internvit_fast.mmseg_runner import read_runner_file
+    a, b = (read_runner_file(str(w / "iter_4.pth")) for w in (whole, parts))
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k}: the resumed run differs"
+    rc, log = _run(["train", cfg_path, "--work-dir", tmp_path / "loaded", "--load-from", whole / "iter_4.pth", *opts,
+                    "train_cfg.max_iters=1"])
+    assert rc == 0, log[-4000:]
+    assert "Load checkpoint from" in log and "resumed" not in log
+
+
+def test_test_with_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    data = tmp_path / "ade"
+    _tiny_dataset(data)
+    cfg_path = tmp_path / "tiny.py"
+    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=HOOKS["plain"], norm=BN))
+    model = MODELS.build(shrunk(LINEAR).model)  # another architecture: no FPN, a BNHead
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, tmp_path / "linear.pth")
+    rc, log = _run(["test", cfg_path, tmp_path / "linear.pth", "--work-dir", tmp_path / "w"])
+    assert rc == 2, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert "error:" in last and "linear.pth" in last and "'" in last and "Traceback" not in log
+
+
+@pytest.mark.parametrize("path", [FULL, HEAD, LINEAR], ids=os.path.basename)
+def test_every_shipped_config_tests_under_torchrun(tmp_path, path):
+    """(FSDP: in test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests.) Each recipe
+    as it ships (SyncBN heads, reverted on a machine without CUDA), shrunk."""
+    data = tmp_path / "ade"
+    _tiny_dataset(data)
+    cfg = shrunk(path)
+    for head in (cfg.model.decode_head, cfg.model.get("auxiliary_head")):
+        if head:
+            head.norm_cfg = dict(type="SyncBN", requires_grad=True)  # as the recipes ship
+    cfg.model.decode_head.num_classes = 150
+    if cfg.model.get("auxiliary_head"):
+        cfg.model.auxiliary_head.num_classes = 150
+    cfg.test_dataloader.update(batch_size=1, num_workers=0, persistent_workers=False)
+    cfg.test_dataloader.dataset.data_root = str(data)
+    cfg.test_dataloader.dataset.pipeline = [
+        dict(type='LoadImageFromFile'), dict(type='Resize', scale=(224, 56), keep_ratio=True),
+        dict(type='ResizeToMultiple', size_divisor=14), dict(type='LoadAnnotations', reduce_zero_label=True),
+        dict(type='PackSegInputs')]
+    cfg.env_cfg = dict(dist_cfg=dict(backend="gloo"))
+    cfg.optim_wrapper.paramwise_cfg.num_layers = 4
+    cfg.dump(str(tmp_path / "cfg.py"))
+    torch.manual_seed(0)
+    built = cfg.model.copy()
+    for head in (built.decode_head, built.get("auxiliary_head")):
+        if head:
+            head.norm_cfg = dict(type="BN", requires_grad=True)
+    model = MODELS.build(built)
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, tmp_path / "seg.pth")
+    rc, log = _run(["test", tmp_path / "cfg.py", tmp_path / "seg.pth", "--work-dir", tmp_path / "w"], torchrun=True)
+    assert rc == 0, log[-4000:]
+    assert "mIoU" in log and "reverted to BatchNorm" in log
+
+
+# --- the pieces, one at a time ------------------------------------------------------------------
+
+def evil_statistic(self):
+    return 0
+
+
+def test_runner_checkpoints_are_read_with_exactly_mmengines_types(tmp_path):
+    """What a Runner saves comes back (HistoryBuffer, numpy values); anything else is an inert
+    placeholder; and a file cannot add to HistoryBuffer's class-wide statistics registry."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    from internvit_fast.mmseg_runner import read_runner_file
+    hub = MessageHub.get_instance("internvit_fast_resume_test")
+    hub.update_scalar("train/loss", 0.5)
+    hub.update_scalar("train/loss", 0.25)
+    HistoryBuffer.register_statistics(evil_statistic)  # registered while saving, removed before loading
+    try:
+        torch.save({"meta": {"iter": np.int64(7), "lr": np.float64(1e-4), "hist": np.arange(3.0)},
+                    "message_hub": hub.state_dict(), "state_dict": {"w": torch.ones(2)},
+                    "evil": __import__("builtins").eval}, tmp_path / "ck.pth")
+    finally:
+        HistoryBuffer._statistics_methods.pop("evil_statistic")
+    got = read_runner_file(str(tmp_path / "ck.pth"))
+    buf = got["message_hub"]["log_scalars"]["train/loss"]
+    assert type(buf) is HistoryBuffer and buf.mean() == 0.375 and buf.current() == 0.25
+    assert got["meta"]["iter"] == 7 and np.array_equal(got["meta"]["hist"], np.arange(3.0))
+    assert "evil_statistic" not in HistoryBuffer._statistics_methods
+    from internvit_fast.safe_pickle import Placeholder
+    assert issubclass(got["evil"], Placeholder) and got["evil"].name == "builtins.eval"  # not eval itself
+    assert torch.equal(got["state_dict"]["w"], torch.ones(2))
+
+
+def test_layer_decay_needs_num_layers_equal_to_the_depth():
+    with pytest.raises(ValueError, match=r"paramwise_cfg.num_layers=48 but the backbone has depth=4"):
+        _groups(FULL, num_layers=48)
+
+
+def test_dumped_config_holds_only_the_optimizer_that_runs():
+    text = Config.fromfile(FULL).pretty_text
+    assert "SGD" not in text and "AdamW" in text
+
+
+def test_one_knob_sets_every_crop_size():
+    from internvit_fast.mmseg_runner import set_crop_size
+    cfg = Config.fromfile(FULL)
+    set_crop_size(cfg, 448)
+    assert cfg.model.backbone.img_size == 448 and tuple(cfg.model.data_preprocessor.size) == (448, 448)
+    assert tuple(cfg.model.test_cfg.crop_size) == (448, 448) and cfg.model.test_cfg.stride[0] <= 448
+    assert cfg.model.test_cfg.stride[0] % 14 == 0
+    crop = [s for s in cfg.train_dataloader.dataset.pipeline if s["type"] == "RandomCrop"][0]
+    assert tuple(crop["crop_size"]) == (448, 448)
+    assert "504" not in Config(cfg.to_dict()).pretty_text.replace("50400", "")  # nothing left at the old size
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        set_crop_size(cfg, 450)
+
+
+def _small_updates(wrapper_type: str):
+    """50 AdamW steps at lr 1e-4 on a backbone initialised as upstream's (norm weights 1,
+    LayerScale 0.1): each step moves a weight by about lr, below half a bf16 step there
+    (0.0039 at 1, 0.00024 at 0.1); 50 of them add up to more."""
+    from mmengine.optim import build_optim_wrapper
+
+    import internvit_fast.mmseg  # noqa: F401 - registers the wrapper, as a config's custom_imports does
+    from helpers import SMALL
+    from internvit_fast import InternViT6B
+    torch.manual_seed(0)
+    model = InternViT6B(**dict(SMALL, dtype=torch.bfloat16, with_cp=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ow = build_optim_wrapper(model, dict(type=wrapper_type, optimizer=dict(type="AdamW", lr=1e-4,
+                                                                             weight_decay=0.0)))
+    img = torch.randn(2, 3, 56, 56)
+    for _ in range(50):
+        ow.update_params(sum(f.float().square().mean() for f in model(img)))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    return changed, ow
+
+
+def test_fp32_master_weights_accumulate_small_updates():
+    norms = [k for k in _fresh_names() if k.endswith(("norm1.weight", "norm2.weight", "q_norm.weight", "gamma"))]
+    default, _ = _small_updates("OptimWrapper")
+    master, ow = _small_updates("FP32MasterOptimWrapper")
+    assert norms and not set(norms) & default, "bf16 updates of the norm weights should be lost (upstream's default)"
+    assert set(norms) <= master, "the fp32 masters should carry the small updates into the weights"
+    sd = ow.state_dict()
+    assert len(sd["fp32_master"]) > 0 and all(m.dtype == torch.float32 for m in sd["fp32_master"])
+
+
+def _fresh_names():
+    from helpers import small_model
+    return list(small_model(dtype=torch.bfloat16).state_dict())
 
 
 def test_all_configs_are_listed():

@@ -2,10 +2,11 @@
 # (OpenGVLab/InternVL segmentation/configs/intern_vit_6b/full_tuning/
 # upernet_intern_vit_6b_504_80k_ade20k_bs16_lr4e-5.py) restated for MMSegmentation 1.x,
 # on internvit-fast. The configs in this folder start from it.
+# mmseg's schedule_80k.py is not inherited: everything it sets is restated below, and its
+# SGD `optimizer` would stay in the dumped config beside the AdamW that runs.
 _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
-    'mmseg::_base_/schedules/schedule_80k.py',
 ]
 custom_imports = dict(imports=['internvit_fast.mmseg'], allow_failed_imports=False)
 
@@ -100,7 +101,6 @@ auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 # Plain OptimWrapper (no AMP): upstream trains the bf16 backbone with fp32 heads directly.
 optim_wrapper = dict(
-    _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='InternViTLayerDecayOptimizerConstructor',
@@ -112,5 +112,15 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=80000),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=80000, val_interval=1000)
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=1000, max_keep_ckpts=2,
-                                     save_best='mIoU'))
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=1000, max_keep_ckpts=2, save_best='mIoU'),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook'))
+# BatchNorm statistics averaged over the processes after every iteration, so validation, test
+# and the saved checkpoint agree (SyncBN's are the same everywhere already; see mmseg_runner).
+custom_hooks = [dict(type='SyncNormStatsHook')]
