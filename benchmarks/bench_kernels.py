@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from internvit_fast import attention
+from internvit_fast import attention, costs
 from internvit_fast.kernels import REGISTRY
 from internvit_fast.kernels.registry import Shape, smoke_shape
 
@@ -40,9 +40,9 @@ def _fn(spec, impl):
     if impl == "unfused":
         return lambda inputs, outputs: spec.choice.unfused(inputs)
     if impl == "eager":
-        return lambda inputs, outputs: spec.eager(inputs)
+        return lambda inputs, outputs: spec.reference(inputs)
     # torch.compile's default mode: max-autotune's GEMM search would cost minutes of the run.
-    compiled = harness.compile_fn(spec.eager, "default")
+    compiled = harness.compile_fn(spec.reference, "default")
     return lambda inputs, outputs: compiled(inputs)
 
 
@@ -50,7 +50,7 @@ def _fn(spec, impl):
     CASES, [f"{s.id}-b{b}-{i}" for s, b, i in CASES], group=lambda s, b, i: f"{s.id} b{b}"))
 def test_kernel(bench, spec, batch, impl):
     shape = shape_for(batch)
-    least = spec.traffic(shape, None)[1]
+    least = costs.counts(spec.id, shape)[1]
     sets = harness.rotating(lambda: spec.make_inputs(shape, harness.DEVICE), least)
     sets = [(inputs, spec.new_outputs(inputs)) for inputs in sets]
     fn = _fn(spec, impl)
@@ -69,7 +69,7 @@ def test_kernel(bench, spec, batch, impl):
             verdict = harness.spec_ok(spec, inputs, got, ref, shape.rows)
             assert verdict.ok, f"{spec.id} {impl}: {verdict}"
     harness.record(bench, kernel=spec.id, impl=impl, batch=batch, rows=shape.rows, width=shape.width,
-                   bytes_min=least, flops=spec.flops(shape))
+                   bytes_min=least, flops=costs.counts(spec.id, shape)[2])
 
 
 ATTN_BACKENDS = ["priority", "cudnn_attention", "flash_attention", "efficient_attention"] if harness.CUDA else \

@@ -27,8 +27,17 @@ import time
 import torch
 
 from benchmarks import harness
+from internvit_fast import costs
 from internvit_fast.kernels import REGISTRY, tuning
+from internvit_fast.kernels.launch import Target
 from internvit_fast.kernels.registry import Shape, run, smoke_shape
+
+
+def entry_for(spec, inputs: dict, config: dict, ms: float):
+    """(table name, entry) for a measured configuration, under the key the launcher looks up:
+    its own plan's for these inputs (kernels/launch.py)."""
+    table_name, key = spec.plan_for(inputs, Target.of(harness.DEVICE)).tuned_key
+    return table_name, {"shape": dict(key), "config": dict(config), "ms": {"kernel": ms}}
 
 
 def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
@@ -36,12 +45,12 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
     if smoke:
         arch, shapes, card = "smoke", [smoke_shape()], "cpu-smoke"
     else:
-        arch, card = tuning.arch_of(harness.DEVICE), torch.cuda.get_device_name()
+        arch, card = Target.of(harness.DEVICE).arch, torch.cuda.get_device_name()
         shapes = [Shape(1297 * b) for b in batches]
     configs, log = {}, []
     # The GEMMs first: they are most of the backbone's time, so a box that runs out cuts the
     # row kernels (whose heuristic settings are near their ceiling anyway).
-    specs = sorted(REGISTRY, key=lambda s: s.flops(shapes[0]) == 0)
+    specs = sorted(REGISTRY, key=lambda s: costs.counts(s.id, shapes[0])[2] == 0)
 
     def out_of_time(what):
         if time.time() - start > budget_s:
@@ -52,7 +61,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
     with torch.no_grad():  # not inference_mode: the backward kernels' references run autograd
         for shape in shapes:
             for spec in specs:
-                least = spec.traffic(shape, None)[1]
+                least = costs.counts(spec.id, shape)[1]
                 sets = harness.rotating(lambda: spec.make_inputs(shape, harness.DEVICE), least)
                 exact_cache: dict = {}  # the float64 reference of outputs checked whole, once per input set
                 best = None
@@ -76,7 +85,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
                         best = (ms, cfg)
                 if best is None:
                     continue
-                entry = {"shape": spec.tuned_shape(shape), "config": best[1], "ms": {"kernel": best[0]}}
+                table_name, entry = entry_for(spec, sets[0], best[1], best[0])
                 if spec.choice and not out_of_time(f"{spec.id} M={shape.rows} fused vs unfused"):
                     ref = spec.choice_reference or spec.reference
                     ms = {}
@@ -93,7 +102,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
                     log.append(f"{spec.id} M={shape.rows}: fused {ms.get('fused', float('nan')):.4f} ms, "
                                f"unfused ({spec.choice.describe_unfused}) {ms.get('unfused', float('nan')):.4f} ms "
                                f"-> {entry['impl']}")
-                configs.setdefault(spec.name, []).append(entry)
+                configs.setdefault(table_name, []).append(entry)
                 _write(out_dir, arch, card, smoke, configs, log)  # kept as it comes
     targets = _write(out_dir, arch, card, smoke, configs, log)
     print("\n".join(log))

@@ -3,12 +3,15 @@
     python -m internvit_fast.compile_check [--arch 90 80] [--json]
 
 No GPU is needed: Triton compiles ahead of time for a named target, and the wheel's
-cuobjdump and nvdisasm read each cubin. The builds come from the kernel registry
-(``internvit_fast.kernels.REGISTRY``): every kernel states the launches it makes at the
-segmentation shapes (504x504 and 448x448, batch 1 to 8, bf16/fp16/fp32) and those in
-the committed tuned tables. Like Triton's JIT, pointers are taken as 16-byte aligned and
-integers divisible by 16 are marked so (that is what enables vector loads and cp.async/TMA
-pipelining; a spec without it would not be the kernel that runs).
+cuobjdump and nvdisasm read each cubin. The builds are the launch plans the launchers
+themselves make (``kernels/launch.py``): each kernel of the registry
+(``internvit_fast.kernels.REGISTRY``) runs its planner, the function its launcher calls,
+at the segmentation shapes (504x504 and 448x448, batch 1 to 8, bf16/fp16/fp32), for the
+card (architecture, SM count, its committed tuned table), and the gate builds each plan's
+function with the plan's constexprs and options (``enable_fp_fusion``, ``num_warps``,
+``num_stages``) and the runtime signature the plan describes (pointers 16-byte aligned and
+integers divisible by 16 marked as Triton's JIT marks them at launch). So a launcher that
+changes what it launches changes what the gate builds.
 
 Per build: registers, spilled bytes (stack + local), spill instructions inside a GEMM's
 main loop (the innermost loop around its MMA instructions, found in the SASS), shared
@@ -36,9 +39,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import costs
 from .kernels import REGISTRY
 from .kernels._common import INTERPRETING
-from .kernels.registry import CompileSpec, KernelSpec, main_shape
+from .kernels.launch import LaunchPlan, Target
+from .kernels.registry import KernelSpec, main_shape
+from .kernels.tuning import table
+
+# The cards the gate builds for: Hopper (H100/H200: 132 SMs) and the A100 (108).
+TARGETS = {90: ("sm90", 132), 80: ("sm80", 108)}
 
 # Constants a bf16/fp16/fp32 register can hold that make an fma exact single-rounding
 # arithmetic (sm_80 has no bf16 mul or add: LLVM writes a*b as fma(a, b, -0) and a+b as
@@ -46,26 +55,6 @@ from .kernels.registry import CompileSpec, KernelSpec, main_shape
 _NEG_ZERO = {"0x8000", "0x80008000", "-2147450880", "-32768", "0f80000000"}
 _ONE = {"0x3F80", "0x3f80", "16256", "0x3C00", "0x3c00", "15360", "1065369472", "1006648320",
         "0x3F803F80", "0x3f803f80", "0x3C003C00", "0x3c003c00", "0f3F800000"}
-
-
-def source(spec: CompileSpec) -> ASTSource:
-    sig, attrs = {}, {}
-    for i, name in enumerate(spec.fn.arg_names):
-        if name in spec.constexprs:
-            sig[name] = "constexpr"
-            continue
-        v = spec.args[name]
-        if isinstance(v, str):
-            sig[name] = v
-            if v.startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs)
 
 
 def _tool(name: str) -> str:
@@ -148,17 +137,33 @@ def contracted_fmas(ptx: str, llir: str) -> int:
     return max(0, lanes - explicit)
 
 
-def _config(spec: CompileSpec) -> str:
+def target(arch: int) -> Target:
+    name, sms = TARGETS[arch]
+    return Target(name, sms, table(name))
+
+
+def is_gemm(plan: LaunchPlan) -> bool:
+    return "tl.dot(" in plan.fn.src  # its main loop feeds tensor cores (or FMA, in fp32)
+
+
+def _config(plan: LaunchPlan) -> str:
     skip = {"DOT_PRECISION", "NUM_SMS", "HAS_BIAS", "EVEN_K"}
-    cfg = ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k not in skip)
-    return f"{cfg},w{spec.options['num_warps']},s{spec.options.get('num_stages', 1)}"
+    cfg = ",".join(f"{k}={v}" for k, v in plan.constexprs.items() if k not in skip)
+    return f"{cfg},w{plan.options['num_warps']},s{plan.options.get('num_stages', 1)}"
 
 
-def build(kernel: KernelSpec, spec: CompileSpec, arch: int) -> dict:
-    """Compile one spec for sm_<arch>; return its record (with the failures it shows)."""
-    rec = dict(kernel=kernel.id, target=f"sm_{arch}", config=_config(spec), launch=spec.label, failures=[])
+def _build_key(plan: LaunchPlan) -> tuple:
+    sig, attrs = plan.signature()
+    return (plan.function, tuple(sorted(sig.items())), tuple(sorted(attrs)), tuple(sorted(plan.constexprs.items())),
+            tuple(sorted(plan.options.items())))
+
+
+def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
+    """Compile one plan for sm_<arch>; return its record (with the failures it shows)."""
+    rec = dict(kernel=kernel.id, target=f"sm_{arch}", function=plan.function, constexprs=dict(plan.constexprs),
+               options=dict(plan.options), config=_config(plan), launch=plan.label, tuned=plan.tuned, failures=[])
     try:
-        ck = triton.compile(source(spec), target=GPUTarget("cuda", arch, 32), options=spec.options)
+        ck = triton.compile(plan.source(), target=GPUTarget("cuda", arch, 32), options=dict(plan.options))
     except Exception as e:  # noqa: BLE001 - any compiler error is a failure to report
         rec["failures"].append(f"compile failed: {type(e).__name__}: {str(e)[:300]}")
         return rec
@@ -169,7 +174,7 @@ def build(kernel: KernelSpec, spec: CompileSpec, arch: int) -> dict:
                tma="cp.async.bulk.tensor" in ptx,
                fma_contracted=kernel.promises_rounding and contracted_fmas(ptx, ck.asm["llir"]) > 0)
     fail = rec["failures"]
-    if spec.mma:
+    if is_gemm(plan):
         loop = main_loop_spills(sass)
         rec["main_loop_spills"] = loop[0] if loop else None
         rec["main_loop_instructions"] = loop[1] if loop else None
@@ -177,13 +182,15 @@ def build(kernel: KernelSpec, spec: CompileSpec, arch: int) -> dict:
             fail.append("no main loop around MMA instructions found in the SASS")
         elif loop[0]:
             fail.append(f"{loop[0]} spill instructions inside the main loop")
-        low_precision = spec.constexprs.get("DOT_PRECISION") != "ieee"  # fp32 runs FMA by design
+        low_precision = plan.constexprs.get("DOT_PRECISION") != "ieee"  # fp32 runs FMA by design
         if arch >= 90 and low_precision and not rec["wgmma"]:
             fail.append("sm_90 GEMM does not use wgmma")
-        if spec.constexprs.get("USE_TMA") and not rec["tma"]:
+        if plan.constexprs.get("USE_TMA") and not rec["tma"]:
             fail.append("built for TMA but the PTX has no cp.async.bulk.tensor")
     elif rec["spills"]:
         fail.append(f"row kernel spills ({rec['spills']} bytes)")
+    if kernel.promises_rounding and plan.options.get("enable_fp_fusion", True):
+        fail.append("a kernel that promises upstream's rounding points is built with FMA contraction on")
     if rec["fma_contracted"]:
         fail.append("contracted fma in a kernel that promises upstream's rounding points")
     if kernel.loads_first:
@@ -194,27 +201,31 @@ def build(kernel: KernelSpec, spec: CompileSpec, arch: int) -> dict:
 
 
 def check(arch: int) -> List[dict]:
-    """A record per kernel and distinct build the registry lists for sm_<arch>. Launches
-    that compile to the same binary (proj and fc2, say) are built once."""
+    """A record per kernel and distinct plan its planner makes for sm_<arch>. Plans that build
+    the same binary (proj and fc2, say, or batch sizes that only change a runtime integer)
+    are built once."""
     records, built, seen = [], {}, set()
+    tgt = target(arch)
     for kernel in REGISTRY:
-        for spec in kernel.compile_specs(arch):
-            key = spec.key()
+        for plan in kernel.plans(tgt):
+            key = _build_key(plan)
             if (kernel.id, key) in seen:
                 continue
             seen.add((kernel.id, key))
             if key not in built:
-                built[key] = build(kernel, spec, arch)
-            records.append(dict(built[key], kernel=kernel.id, launch=spec.label))
+                built[key] = build(kernel, plan, arch)
+            records.append(dict(built[key], kernel=kernel.id, launch=plan.label, tuned=plan.tuned))
     return records
 
 
 def traffic() -> List[dict]:
-    """Each kernel's bytes moved at the main shape against the least it must move."""
+    """Each kernel's bytes moved at the main shape (as sm_90 plans it) against the least it must move."""
     shape = main_shape()
+    tgt = target(90)
     out = []
     for kernel in REGISTRY:
-        moved, least = kernel.traffic(shape, None)
+        plan = kernel.plan_for(kernel.make_inputs(shape, "meta"), tgt)
+        moved, least, _ = costs.counts(kernel.id, shape, plan)
         out.append(dict(kernel=kernel.id, shape=shape.label(), bytes_moved=moved, bytes_min=least,
                         ratio=moved / least))
     return out

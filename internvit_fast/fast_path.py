@@ -9,12 +9,13 @@ its reference ``Block._forward``. Per block (x: residual stream, h: its RMSNorm)
     qkv   = h @ Wqkv^T                    cuBLAS
     q, k  = qk_norm(qkv)                  kernel: both RMSNorms, attention's layout; v is a view of qkv
     a     = attention(q, k, v)            SDPA (cuDNN first on sm_90) / flash-attn / naive
-    x, h  = x + ls1 * (a Wproj^T + b), norm2(x)       linear_residual_norm (GEMM epilogue + rms_norm)
-    u     = GELU(h Wfc1^T + b)                        linear_gelu (GEMM with GELU epilogue)
-    x, h  = x + ls2 * (u Wfc2^T + b), next norm1(x)   linear_residual_norm
+    x, h  = x + ls1 * (a Wproj^T + b), norm2(x)                 attention_residual
+    x, h  = x + ls2 * (GELU(h Wfc1^T + b) Wfc2^T + b), norm1'(x)  mlp_residual
 
-Each fused op falls back to its unfused alternative where the tuned table for the card
-says that measured faster (kernels/tuned/, kernels/linear.py).
+(kernels/block_ops.py): for inference the GEMMs with fused epilogues (linear_gelu, then
+linear_residual_norm: the residual epilogue and rms_norm), each falling back to its
+unfused alternative where the tuned table for the card says that measured faster
+(kernels/tuned/); in training the differentiable kernels.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def forward_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, out_indices: Se
     only the stream is kept between blocks.
     """
     feats = []
-    checkpointed = blocks[0].with_cp and blocks[0]._trains(x)
+    checkpointed = blocks[0].with_cp and torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in blocks[0].parameters()))
     h = None if checkpointed else rms_norm(x, blocks[0].norm1.weight, blocks[0].norm1.eps)
     for i, blk in enumerate(blocks):
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) and not checkpointed else None

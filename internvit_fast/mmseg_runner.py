@@ -553,6 +553,12 @@ def main(argv=None) -> int:
         runner.train()
     except CheckpointError as e:
         ap.exit(2, f"{ap.prog} {args.command}: error: {str(e).splitlines()[0][:500]}\n")
+    finally:
+        # Leave the group before the interpreter tears down: gloo's threads destroyed at exit
+        # abort the process now and then ("terminate called without an active exception").
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import attention, graphs
 from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
-from .kernels import linear_gelu, linear_residual_norm, mlp_residual_norm, qk_norm, residual_rms_norm, rms_norm
+from .kernels import attention_residual, mlp_residual, qk_norm, rms_norm
 
 logger = logging.getLogger("internvit_fast")
 
@@ -165,40 +165,20 @@ class Block(nn.Module):
         return self._forward(x)
 
     def forward_fused(self, x: torch.Tensor, h: Optional[torch.Tensor], next_norm: Optional[RMSNorm]):
-        """_forward through the fused kernels (fast_path.forward_blocks).
+        """_forward through the fused kernels (fast_path.forward_blocks), as the diagram reads.
 
-        ``x`` is the residual stream and ``h = norm1(x)``, which the previous block's last
-        kernel already computed (None: computed here). Returns the new stream and
-        ``next_norm`` of it (the next block's norm1; an empty tensor when None), so no norm
-        reads the stream twice.
-
-        Inference: the GEMMs with fused epilogues. When gradients flow through the block or
-        drop path is active: the differentiable ops (cuBLAS GEMMs, whose outputs the
-        backward needs, with the norm, residual, LayerScale, drop-path and GELU work in
-        kernels that have backward kernels), drawing drop path's scales as DropPath does.
+        ``x`` is the residual stream and ``h = norm1(x)``, which the previous block's last op
+        already computed (None: computed here). Returns the new stream and ``next_norm`` of
+        it (the next block's norm1; an empty tensor when None), so no norm reads the stream
+        twice. The ops run fused for inference and as differentiable kernels when gradients
+        flow or drop path is active (kernels/block_ops.py); drop path's row scales are drawn
+        as DropPath draws them.
         """
         if h is None:
             h = rms_norm(x, self.norm1.weight, self.norm1.eps)
-        nw, eps = (next_norm.weight, next_norm.eps) if next_norm is not None else (None, self.norm2.eps)
         a = self.attn.forward_fused(h)
-        if not (self._trains(x) or self._drops()):
-            x, h = linear_residual_norm(a, self.attn.proj.weight, self.attn.proj.bias, _gamma(self.ls1), x,
-                                        self.norm2.weight, self.norm2.eps)
-            u = linear_gelu(h, self.mlp.fc1.weight, self.mlp.fc1.bias)
-            return linear_residual_norm(u, self.mlp.fc2.weight, self.mlp.fc2.bias, _gamma(self.ls2), x, nw, eps)
-        y = F.linear(a, self.attn.proj.weight, self.attn.proj.bias)
-        x, h = residual_rms_norm(x, y, _gamma(self.ls1), self.norm2.weight, self.norm2.eps, self._rowscale(1, y))
-        mlp = self.mlp
-        # (the MLP's rows are scaled by a draw made before it runs: DropPath draws after, but
-        # only the number of draws and their order matter, and those are the same)
-        return mlp_residual_norm(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, _gamma(self.ls2),
-                                 x, nw, eps, self._rowscale(2, x))[:2]
-
-    def _trains(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-
-    def _drops(self) -> bool:
-        return any(getattr(m, "drop_prob", 0.0) > 0 and m.training for m in (self.drop_path1, self.drop_path2))
+        x, h = attention_residual(a, self.attn.proj, _gamma(self.ls1), x, self.norm2, self._rowscale(1, x))
+        return mlp_residual(h, self.mlp, _gamma(self.ls2), x, next_norm, self._rowscale(2, x), self.norm2.eps)
 
     def _rowscale(self, which: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """Drop path's scale per row of ``like`` (B, N, C) -> (B, N), or None."""

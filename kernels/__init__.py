@@ -3,25 +3,28 @@
 Installed as ``internvit_fast.kernels``. Each op is a torch custom op
 (``torch.ops.internvit_fast.*``), so torch.compile traces through it without a
 graph break; ``*_launch`` writes into a caller's buffer (the tests poison it),
-``*_ref`` is the plain-torch statement of the math. ``REGISTRY`` lists what each
-kernel file states about itself (registry.KernelSpec); the compile gate, the tuner,
-the benchmarks and the tests loop over it.
+``*_ref`` is the plain-torch statement of the math, ``plan_*`` the launch decision as a
+value (launch.py). ``REGISTRY`` lists what each kernel file states about itself
+(registry.KernelSpec); the compile gate, the tuner, the benchmarks and the tests loop
+over it.
 """
 # The modules first: importing an op named like its module (rms_norm) rebinds the name.
-from . import gelu as _gelu, linear as _linear, qk_norm as _qk_norm, rms_norm as _rms_norm
+from . import block_ops as _block_ops, gelu as _gelu, qk_norm as _qk_norm, rms_norm as _rms_norm
 from ._common import INTERPRETING, kernels_can_run_on
+from .block_ops import attention_residual, linear_gelu, linear_residual_norm, mlp_residual, mlp_residual_norm
 from .gelu import gelu_launch, gelu_ref
-from .linear import linear_gelu, linear_launch, linear_ref, linear_residual_norm, mlp_residual_norm
+from .gemm import linear_launch, linear_ref
 from .qk_norm import qk_norm, qk_norm_launch, qk_norm_ref
 from .rms_norm import residual_rms_norm, residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref
 
-REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _linear.GELU_SPEC,
-            _linear.PROJ_SPEC, _linear.FC2_SPEC,
+REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _block_ops.GELU_SPEC,
+            _block_ops.PROJ_SPEC, _block_ops.FC2_SPEC,
             # the backward kernels
-            _rms_norm.BWD_SPEC, _linear.GELU_GRAD_SPEC]
+            _rms_norm.BWD_SPEC, _block_ops.GELU_GRAD_SPEC]
 
 __all__ = [
     "INTERPRETING", "REGISTRY", "kernels_can_run_on",
+    "attention_residual", "mlp_residual",
     "gelu_launch", "gelu_ref",
     "linear_gelu", "linear_launch", "linear_ref", "linear_residual_norm", "mlp_residual_norm",
     "qk_norm", "qk_norm_launch", "qk_norm_ref",

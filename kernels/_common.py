@@ -89,22 +89,6 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def num_sms(device: torch.device) -> int:
-    """Programs of a persistent kernel: one per SM (the interpreter: INTERPRETER_SMS)."""
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether 2-D tensors meet the TMA engine's rules: unit column stride, base address
-    and row pitch multiples of 16 bytes (Hopper's cuTensorMapEncodeTiled)."""
-    for t in tensors:
-        if t.ndim != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return False
-    return True
-
-
 def check_row_width(op: str, name: str, n: int) -> None:
     if not 1 <= n <= MAX_ROW:
         raise ValueError(f"{op}: {name} rows are {n} wide; the kernel takes 1..{MAX_ROW}")
@@ -129,8 +113,8 @@ def as_rows(op: str, name: str, t: torch.Tensor, width: int) -> torch.Tensor:
 def row_launch(n_cols: int, tuned: Optional[dict] = None) -> dict:
     """Block and warps for a kernel that keeps one whole row in registers.
 
-    ``tuned`` (from kernels/tuned/, see tuning.py) may set num_warps; the block is
-    always the row width rounded up to a power of two.
+    ``tuned`` (a tuned-table entry's config) may set num_warps; the block is always the row
+    width rounded up to a power of two.
     """
     block = triton.next_power_of_2(n_cols)
     # About 8 values per thread: wide rows get more warps, not more registers (with

@@ -1,9 +1,11 @@
-"""Exact (erf) GELU, elementwise, in place allowed: the second half of fc1's unfused alternative.
+"""Exact (erf) GELU and its derivative; the elementwise kernel, in place allowed.
 
-    y = round(0.5 * x * (1 + erf(x / sqrt(2))))      (nn.GELU(), computed in fp32)
+    y  = round(0.5 * x * (1 + erf(x / sqrt(2))))      (nn.GELU(), computed in fp32)
+    y' = Phi(x) + x * phi(x)                          (torch's gelu_backward)
 
-fc1's fused kernel (linear.py) applies the same GELU in its GEMM epilogue; its
-alternative is cuBLAS's fc1 followed by this kernel over the hidden activation in place,
+``gelu_value`` and ``gelu_grad`` are also the GEMM's epilogues (gemm.py): fc1's forward,
+and fc1's input gradient in training. The kernel is the second half of fc1's unfused
+alternative: cuBLAS's fc1 followed by this kernel over the hidden activation in place,
 one read and one write of it. The tuned table says which of the two wins on a card.
 """
 from __future__ import annotations
@@ -17,12 +19,11 @@ import triton.language as tl
 
 from . import registry
 from ._common import cast, check_tensors, on_device
-from .registry import CompileSpec, KernelSpec, Shape
-from .tuning import lookup
+from .launch import LaunchPlan, Meta, Target, lookup, table_key
+from .registry import KernelSpec, Shape
 
 OP = "gelu"
-BLOCK = 2048  # elements per program: 8 per thread at 8 warps, 16-byte bf16 vectors
-DEFAULT = {"BLOCK": BLOCK, "num_warps": 8}
+DEFAULT = {"BLOCK": 2048, "num_warps": 8}  # elements per program: 8 per thread at 8 warps, 16-byte bf16 vectors
 
 
 def gelu_ref(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,14 @@ def gelu_ref(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def gelu_value(h):
-    """The exact GELU of fp32 ``h`` (also the GEMM epilogue's, in linear.py)."""
+    """The exact GELU of fp32 ``h``."""
     return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(x):
+    """d GELU(x) / dx for the exact GELU: Phi(x) + x phi(x), in fp32 (torch's gelu_backward)."""
+    return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
 
 @triton.jit
@@ -56,12 +63,23 @@ def gelu_launch(x: torch.Tensor, out: torch.Tensor, config: Optional[dict] = Non
     for name, t in (("x", x), ("out", out)):
         if not t.is_contiguous():
             raise ValueError(f"{OP}: {name} must be contiguous, got strides {t.stride()}")
-    n = x.numel()
-    if n:
-        cfg = dict(config or lookup(OP, x.device, M=n, dtype=x.dtype) or DEFAULT)
+    if x.numel():
+        plan = plan_gelu(Meta.of(x), Meta.of(out), Target.of(x.device), config)
         with on_device(x):
-            _gelu_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](x, out, n, **cfg)
+            plan.run(X=x, Y=out)
     return out
+
+
+def plan_gelu(x: Meta, out: Meta, target: Target, config: Optional[dict] = None) -> LaunchPlan:
+    n = 1
+    for d in x.shape:
+        n *= d
+    key = table_key(OP, M=n, dtype=x.dtype)
+    entry = lookup(target, key)
+    cfg = dict(config or (entry or {}).get("config") or DEFAULT)
+    return LaunchPlan(_gelu_kernel, (triton.cdiv(n, cfg["BLOCK"]),), dict(X=x, Y=out, n=n), dict(BLOCK=cfg["BLOCK"]),
+                      dict(num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=True), {}, key,
+                      entry is not None, f"{OP} {n}")
 
 
 @torch.library.custom_op("internvit_fast::gelu", mutates_args=())
@@ -77,19 +95,8 @@ def _(x):
 
 # --- what the tools need to know (registry) ----------------------------------------------
 
-def _specs(arch: int):
-    out = []
-    for shape in registry.segmentation_shapes():
-        n = shape.rows * shape.hidden
-        p = registry.POINTER[shape.dtype]
-        out.append(CompileSpec(OP, _gelu_kernel, dict(X=p, Y=p, n=n), {"BLOCK": BLOCK},
-                               dict(num_warps=DEFAULT["num_warps"], num_stages=1), shape.label()))
-    return out
-
-
-def _traffic(s: Shape, cfg=None):
-    b = 2 * s.rows * s.hidden * s.el
-    return b, b
+def _meta(shape: Shape) -> Meta:
+    return Meta.contiguous((shape.rows, shape.hidden), shape.dtype)
 
 
 SPEC = KernelSpec(
@@ -100,10 +107,8 @@ SPEC = KernelSpec(
     new_outputs=lambda i: {"y": registry.nan_like(i["x"])},
     launch=lambda i, o, cfg: gelu_launch(i["x"], o["y"], cfg),
     reference=lambda i: {"y": gelu_ref(i["x"])},
-    eager=lambda i: gelu_ref(i["x"]),
-    compile_specs=_specs,
+    plans=lambda target: [plan_gelu(_meta(s), _meta(s), target) for s in registry.segmentation_shapes()],
+    plan_for=lambda i, target: plan_gelu(Meta.of(i["x"]), Meta.of(i["x"]), target),
     candidates=lambda arch: [dict(BLOCK=b, num_warps=w) for b, w in
                              (((256, 4), (1024, 4)) if arch == "smoke" else ((1024, 4), (2048, 8), (4096, 8)))],
-    tuned_shape=lambda s: {"M": s.rows * s.hidden, "dtype": registry.DTYPE_NAMES[s.dtype]},
-    traffic=_traffic,
 )

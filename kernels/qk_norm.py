@@ -18,11 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from typing import Dict, Optional
+
 from . import registry
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
+from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
-from .rms_norm import LAUNCH_OPTIONS, _norm_candidates, rms_norm_backward, rms_norm_ref
-from .tuning import row_config
+from .rms_norm import FP_FUSION, _norm_candidates, rms_norm_backward, rms_norm_ref
 
 OP = "qk_norm"
 
@@ -79,12 +81,24 @@ def qk_norm_launch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
                          f"got {tuple(out.shape)} {out.dtype}")
     rows = as_rows(OP, "qkv", qkv, 3 * c)
     if rows.shape[0]:
-        launch = row_config(OP, qkv, rows.shape[0], c, config)
+        tensors = dict(QKV=rows, WQ=q_weight.contiguous(), WK=k_weight.contiguous(), OUT=out)
+        plan = plan_qk_norm({k: Meta.of(v) for k, v in tensors.items()}, eps, Target.of(qkv.device), config)
         with on_device(qkv):
-            _qk_norm_kernel[(rows.shape[0],)](rows, q_weight.contiguous(), k_weight.contiguous(), out,
-                                              rows.stride(0), rows.shape[0], c, eps, **launch,
-                                              **LAUNCH_OPTIONS)
+            plan.run(**tensors)
     return out
+
+
+def plan_qk_norm(metas: Dict[str, Meta], eps: float, target: Target, config: Optional[dict] = None) -> LaunchPlan:
+    """One program per token row of ``metas['QKV']`` (rows, 3C)."""
+    rows, c3 = metas["QKV"].shape
+    c = c3 // 3
+    key = table_key(OP, M=rows, N=c, dtype=metas["QKV"].dtype)
+    entry = lookup(target, key)
+    launch = row_launch(c, config or (entry or {}).get("config"))
+    args = dict(metas, stride_qkv=metas["QKV"].stride[0], rows=rows, C=c, eps=float(eps))
+    return LaunchPlan(_qk_norm_kernel, (rows,), args, dict(BLOCK_N=launch["BLOCK_N"]),
+                      dict(num_warps=launch["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION), {}, key,
+                      entry is not None, f"{OP} {(rows, c)}")
 
 
 @torch.library.custom_op("internvit_fast::qk_norm", mutates_args=())
@@ -122,9 +136,10 @@ qk_norm.register_autograd(_backward, setup_context=_setup)
 
 # --- what the tools need to know (registry) ----------------------------------------------
 
-def _args(shape: Shape) -> dict:
-    p, c = registry.POINTER[shape.dtype], shape.width
-    return dict(QKV=p, WQ=p, WK=p, OUT=p, stride_qkv=3 * c, rows=shape.rows, C=c, eps=1e-6)
+def _metas(shape: Shape) -> Dict[str, Meta]:
+    w = Meta.contiguous((shape.width,), shape.dtype)
+    return dict(QKV=Meta.contiguous((shape.rows, 3 * shape.width), shape.dtype), WQ=w, WK=w,
+                OUT=Meta.contiguous((2, shape.rows, shape.width), shape.dtype))
 
 
 def _inputs(shape: Shape, device) -> dict:
@@ -132,17 +147,6 @@ def _inputs(shape: Shape, device) -> dict:
     return dict(qkv=r((shape.rows, 3 * shape.width), shape.dtype, device, 2.0),
                 q_weight=r((shape.width,), shape.dtype, device, 1.0, 1.0),
                 k_weight=r((shape.width,), shape.dtype, device, 1.0, 1.0), eps=1e-6)
-
-
-def _eager(qkv, q_weight, k_weight, eps):
-    """What the reference Attention does: split, then q_norm and k_norm (views, two norms)."""
-    q, k, _ = qkv.chunk(3, dim=-1)
-    return rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
-
-
-def _traffic(s: Shape, cfg=None):
-    b = 4 * s.rows * s.width * s.el + 2 * s.width * s.el  # read q and k, write them; v untouched
-    return b, b
 
 
 SPEC = KernelSpec(
@@ -154,9 +158,8 @@ SPEC = KernelSpec(
     new_outputs=lambda i: {"qk": registry.nan_like(i["qkv"], (2, i["qkv"].shape[0], i["qkv"].shape[1] // 3))},
     launch=lambda i, o, cfg: qk_norm_launch(i["qkv"], i["q_weight"], i["k_weight"], i["eps"], o["qk"], cfg),
     reference=lambda i: {"qk": qk_norm_ref(i["qkv"], i["q_weight"], i["k_weight"], i["eps"])},
-    eager=lambda i: _eager(**i),
-    compile_specs=registry.row_specs(OP, _qk_norm_kernel, {}, _args, LAUNCH_OPTIONS),
+    plans=lambda target: [plan_qk_norm(_metas(s), 1e-6, target) for s in registry.segmentation_shapes()],
+    plan_for=lambda i, target: plan_qk_norm(_metas(Shape(i["qkv"].shape[0], i["qkv"].shape[1] // 3,
+                                                         dtype=i["qkv"].dtype)), i["eps"], target),
     candidates=_norm_candidates,
-    tuned_shape=lambda s: {"M": s.rows, "N": s.width, "dtype": registry.DTYPE_NAMES[s.dtype]},
-    traffic=_traffic,
 )

@@ -1,18 +1,20 @@
 """What each kernel file states about itself, in one shape, so the tools can loop over them.
 
-Every kernel module defines ``SPEC = KernelSpec(...)`` (some define two: one kernel
+Every kernel module defines ``SPEC = KernelSpec(...)`` (some define more: one kernel
 launched two ways). ``internvit_fast.kernels.REGISTRY`` lists them; the compile gate,
 the tuner, the kernel benchmarks and the tests iterate over it instead of naming
-kernels as strings.
+kernels as strings. A spec states only what cannot be derived: example inputs, the
+reference, how to launch with an explicit configuration, the tuner's candidates, and its
+planner applied to the segmentation shapes (``plans``: what the gate builds, made by the
+same function the launcher calls) and to given inputs (``plan_for``: the tuned-table key).
 
 A ``Shape`` is one launch of the fast path: ``rows`` tokens (1297 x batch at 504x504),
-the model width, the MLP width, the activation dtype. A kernel's inputs, outputs and
-byte counts are functions of it.
+the model width, the MLP width, the activation dtype.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -20,7 +22,6 @@ EMBED, HIDDEN = 3200, 12800
 TOKENS_504, TOKENS_448 = 1297, 1025
 BATCHES = (1, 2, 4, 8)
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 @dataclass(frozen=True)
@@ -54,28 +55,6 @@ def smoke_shape() -> Shape:
 
 
 @dataclass
-class CompileSpec:
-    """One ahead-of-time build: the kernel, its runtime arguments, constexprs and options.
-
-    ``args`` values: a pointer type string ("*bf16"), a tensor descriptor type
-    ("tensordesc<bf16[128, 64]>"), an int (marked divisible by 16 when it is, as Triton's
-    JIT does) or a float.
-    """
-    kernel: str
-    fn: object
-    args: Dict[str, object]
-    constexprs: Dict[str, object]
-    options: Dict[str, object]
-    label: str
-    mma: bool = False  # a GEMM: sm_90 builds must use wgmma
-
-    def key(self) -> tuple:
-        div = tuple(sorted((k, v % 16 == 0) for k, v in self.args.items() if isinstance(v, int)))
-        types = tuple(sorted((k, v) for k, v in self.args.items() if isinstance(v, str)))
-        return (self.kernel, types, tuple(sorted(self.constexprs.items())), tuple(sorted(self.options.items())), div)
-
-
-@dataclass
 class Choice:
     """A fused op and its unfused alternative, which the tuner times against each other.
 
@@ -95,13 +74,10 @@ class KernelSpec:
     make_inputs: Callable[[Shape, torch.device], dict]
     new_outputs: Callable[[dict], Dict[str, torch.Tensor]]  # NaN-poisoned buffers
     launch: Callable[[dict, dict, Optional[dict]], None]  # inputs, outputs, explicit config or None
-    reference: Callable[[dict], Dict[str, torch.Tensor]]  # plain torch, in the inputs' dtype
-    eager: Callable[[dict], object]  # the eager torch ops it replaces (what a benchmark times)
-    compile_specs: Callable[[int], List[CompileSpec]]  # every build the fast path can launch, per arch
+    reference: Callable[[dict], Dict[str, torch.Tensor]]  # plain torch, in the inputs' dtype: the eager ops
+    plans: Callable[[object], List[object]]  # Target -> every LaunchPlan the fast path makes at the segmentation shapes
+    plan_for: Callable[[dict, object], object]  # (inputs, Target) -> the LaunchPlan the launcher makes for them
     candidates: Callable[[str], List[dict]]  # launch configurations the tuner tries, per arch
-    tuned_shape: Callable[[Shape], dict]  # the tuned table's key for a shape
-    traffic: Callable[[Shape, Optional[dict]], Tuple[int, int]]  # (bytes the kernel moves, minimum)
-    flops: Callable[[Shape], int] = lambda shape: 0
     choice: Optional[Choice] = None
     choice_reference: Optional[Callable[[dict], Dict[str, torch.Tensor]]] = None  # default: reference
     loads_first: bool = False  # a row kernel that issues every global load before its first store
@@ -110,29 +86,6 @@ class KernelSpec:
     @property
     def id(self) -> str:
         return f"{self.name}[{self.variant}]" if self.variant else self.name
-
-
-def row_specs(name: str, fn, flags: dict, args_for: Callable[[Shape], dict], options: dict
-              ) -> Callable[[int], List[CompileSpec]]:
-    """The builds of a one-row-per-program kernel: the heuristic launch (_common.row_launch)
-    at every segmentation shape, and each configuration the tuned table lists for the arch."""
-    from ._common import row_launch
-    from .tuning import table
-
-    def spec(shape: Shape, launch: dict, prefix: str) -> CompileSpec:
-        launch = dict(launch)
-        warps = launch.pop("num_warps")
-        return CompileSpec(name, fn, args_for(shape), dict(launch, **flags),
-                           dict(num_warps=warps, num_stages=1, **options), prefix + shape.label())
-
-    def specs(arch: int) -> List[CompileSpec]:
-        out = [spec(s, row_launch(s.width), "") for s in segmentation_shapes()]
-        names = {v: k for k, v in DTYPE_NAMES.items()}
-        for entry in table(f"sm{arch}").get(name, []):
-            sh = Shape(entry["shape"]["M"], entry["shape"]["N"], dtype=names[entry["shape"]["dtype"]])
-            out.append(spec(sh, row_launch(sh.width, entry["config"]), "tuned "))
-        return out
-    return specs
 
 
 def run(spec: KernelSpec, inputs: dict, config: Optional[dict] = None) -> Dict[str, torch.Tensor]:

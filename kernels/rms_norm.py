@@ -26,18 +26,21 @@ present, the weights: the tensors the reference's autograd keeps, minus its fp32
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import registry
-from ._common import as_rows, cast, check_row_width, check_tensors, num_sms, on_device, rms_scale_row
+from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
+from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
-from .tuning import row_config
 
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # the rounding points above must survive compilation
+OP, RES_OP, BWD_OP = "rms_norm", "residual_rms_norm", "rms_norm_backward"
+# The rounding points above must survive compilation: every plan of these kernels is built
+# without FMA contraction.
+FP_FUSION = False
 
 
 def rms_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
@@ -105,21 +108,37 @@ def _rms_norm_kernel(
         tl.store(H_OUT + row * stride_ho + cols, cast(h, H_OUT.dtype.element_ty), mask=mask)
 
 
-def _launch(op: str, x2, y2, g, w, xo, ho, eps, n, config, s=None):
-    rows = x2.shape[0]
-    if not rows:
+_FWD_TENSORS = ("X", "Y", "G", "W", "X_OUT", "H_OUT", "S")
+
+
+def plan_rows(name: str, metas: Dict[str, Meta], eps: float, flags: Dict[str, bool], target: Target,
+              config: Optional[dict] = None) -> LaunchPlan:
+    """The forward row kernel's launch: one program per row of ``metas['X']`` (rows, N);
+    ``flags`` are its HAS_* switches; absent operands are passed as X (never read).
+    ``config`` (the tuner's) overrides the tuned table, which overrides the heuristic."""
+    x = metas["X"]
+    rows, n = x.shape
+    key = table_key(name, M=rows, N=n, dtype=x.dtype)
+    entry = lookup(target, key)
+    launch = row_launch(n, config or (entry or {}).get("config"))
+    stride = {t: metas[t].stride[0] for t in ("X", "Y", "X_OUT", "H_OUT")}
+    args = dict({t: metas[t] for t in _FWD_TENSORS}, stride_x=stride["X"], stride_y=stride["Y"],
+                stride_xo=stride["X_OUT"], stride_ho=stride["H_OUT"], N=n, eps=float(eps))
+    return LaunchPlan(_rms_norm_kernel, (rows,), args, dict(BLOCK_N=launch["BLOCK_N"], **flags),
+                      dict(num_warps=launch["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION), dict(flags),
+                      key, entry is not None, f"{name} {x.shape}")
+
+
+def _launch(op: str, x2, y2, g, w, xo, ho, eps, config, s=None):
+    if not x2.shape[0]:
         return
-    launch = row_config(op, x2, rows, n, config)
-    placeholder = x2  # pointer for an absent operand; its constexpr flag keeps it unread
+    given = dict(X=x2, Y=y2, G=g, W=w, X_OUT=xo, H_OUT=ho, S=s)
+    tensors = {k: v if v is not None else x2 for k, v in given.items()}  # absent: X, kept unread by its flag
+    flags = dict(HAS_RESIDUAL=y2 is not None, HAS_GAMMA=g is not None, HAS_NORM=w is not None,
+                 HAS_ROWSCALE=s is not None)
+    plan = plan_rows(op, {k: Meta.of(v) for k, v in tensors.items()}, eps, flags, Target.of(x2.device), config)
     with on_device(x2):
-        _rms_norm_kernel[(rows,)](
-            x2, y2 if y2 is not None else placeholder, g if g is not None else placeholder,
-            w if w is not None else placeholder, xo if xo is not None else placeholder,
-            ho if ho is not None else placeholder, s if s is not None else placeholder,
-            x2.stride(0), y2.stride(0) if y2 is not None else 0, xo.stride(0) if xo is not None else 0,
-            ho.stride(0) if ho is not None else 0, n, eps,
-            HAS_RESIDUAL=y2 is not None, HAS_GAMMA=g is not None, HAS_NORM=w is not None,
-            HAS_ROWSCALE=s is not None, **launch, **LAUNCH_OPTIONS)
+        plan.run(**tensors)
 
 
 @triton.jit
@@ -191,10 +210,36 @@ def _rms_norm_bwd_kernel(
         tl.store(DG_PART + pid.to(tl.int64) * N + cols, dg_acc, mask=mask)
 
 
-def _bwd_programs(device: torch.device, rows: int) -> int:
-    """Programs of the backward kernel: enough to fill the card, few enough that the partial
-    sums stay small (four per SM; the interpreter: a few, each with several rows)."""
-    return max(1, min(rows, 4 * num_sms(device)))
+_BWD_TENSORS = ("X", "W", "DH", "DXN", "Y", "G", "S", "DX", "DY", "DW_PART", "DG_PART")
+
+
+def _bwd_split(rows: int, sms: int) -> Tuple[int, int]:
+    """(programs, rows per program) of the backward kernel: enough programs to fill the card,
+    few enough that the fp32 partial sums stay small (four per SM), each a run of rows."""
+    programs = max(1, min(rows, 4 * sms))
+    per = triton.cdiv(rows, programs)
+    return triton.cdiv(rows, per), per
+
+
+def plan_rows_bwd(metas: Dict[str, Meta], eps: float, flags: Dict[str, bool], target: Target,
+                  config: Optional[dict] = None) -> LaunchPlan:
+    """The backward kernel's launch over the rows of ``metas['X']``."""
+    x = metas["X"]
+    rows, n = x.shape
+    programs, per = _bwd_split(rows, target.sms)
+    key = table_key(BWD_OP, M=rows, N=n, dtype=x.dtype)
+    entry = lookup(target, key)
+    # About 4 values per thread (the forward's 8 halved): a row here holds up to five operands
+    # live; at width 3200 with 16 warps triton 3.9 spilled 8 bytes of the bf16 build without
+    # the norm (3.6 did not); 32 warps do not spill on either.
+    tuned = config or (entry or {}).get("config") or {"num_warps": max(1, min(32, triton.next_power_of_2(n) // 128))}
+    launch = row_launch(n, tuned)
+    strides = {f"stride_{t.lower()}": metas[t].stride[0] for t in ("X", "DH", "DXN", "Y", "DX", "DY")}
+    args = dict({t: metas[t] for t in _BWD_TENSORS}, rows=rows, N=n, eps=float(eps), **strides,
+                rows_per_program=per)
+    return LaunchPlan(_rms_norm_bwd_kernel, (programs,), args, dict(BLOCK_N=launch["BLOCK_N"], **flags),
+                      dict(num_warps=launch["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION), dict(flags),
+                      key, entry is not None, f"{BWD_OP} {x.shape}")
 
 
 def rms_norm_bwd_launch(x, weight, dh, eps, dx, dxn=None, y=None, gamma=None, rowscale=None, dy=None,
@@ -202,39 +247,28 @@ def rms_norm_bwd_launch(x, weight, dh, eps, dx, dxn=None, y=None, gamma=None, ro
     """Gradients of rms_norm (``dxn`` None) or residual_rms_norm: writes dx (and dy), returns
     (dweight, dgamma) as fp32 sums, None where absent. ``x`` is what was normalised (x_new)."""
     n = x.shape[-1]
-    rows_x = as_rows("rms_norm_backward", "x", x, n)
+    rows_x = as_rows(BWD_OP, "x", x, n)
     rows = rows_x.shape[0]
-    views = {name: as_rows("rms_norm_backward", name, t, n) if t is not None else None
-             for name, t in (("dh", dh), ("dxn", dxn), ("y", y), ("dx", dx), ("dy", dy))}
-    programs = _bwd_programs(x.device, rows)
-    per = triton.cdiv(rows, programs) if rows else 1
-    programs = triton.cdiv(rows, per) if rows else 0
-    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if weight is not None else None
-    dg_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if gamma is not None else None
-    if programs:
-        launch = row_config("rms_norm_backward", x, rows, n, config)
-        ph = rows_x
+    target = Target.of(x.device)
+    programs = _bwd_split(rows, target.sms)[0] if rows else 0
+    parts = {p: torch.empty((programs, n), dtype=torch.float32, device=x.device) if need else None
+             for p, need in (("DW_PART", weight is not None), ("DG_PART", gamma is not None))}
+    if rows:
+        given = dict(X=rows_x, W=weight, DH=dh, DXN=dxn, Y=y, G=gamma,
+                     S=rowscale.reshape(-1) if rowscale is not None else None, DX=dx, DY=dy, **parts)
+        tensors = {k: (as_rows(BWD_OP, k.lower(), v, n) if k in ("DH", "DXN", "Y", "DX", "DY") else v)
+                   if v is not None else rows_x for k, v in given.items()}  # absent: X, never read
+        flags = dict(HAS_NORM=weight is not None, HAS_RESIDUAL=dxn is not None, HAS_GAMMA=gamma is not None,
+                     HAS_ROWSCALE=rowscale is not None)
+        plan = plan_rows_bwd({k: Meta.of(v) for k, v in tensors.items()}, eps, flags, target, config)
         with on_device(x):
-            _rms_norm_bwd_kernel[(programs,)](
-                rows_x, weight if weight is not None else ph, views["dh"] if dh is not None else ph,
-                views["dxn"] if dxn is not None else ph, views["y"] if y is not None else ph,
-                gamma if gamma is not None else ph, rowscale.reshape(-1) if rowscale is not None else ph,
-                views["dx"], views["dy"] if dy is not None else ph,
-                dw_part if dw_part is not None else ph, dg_part if dg_part is not None else ph,
-                rows, n, eps, rows_x.stride(0), *(views[k].stride(0) if views[k] is not None else 0
-                                                   for k in ("dh", "dxn", "y", "dx", "dy")),
-                per, HAS_NORM=weight is not None, HAS_RESIDUAL=dxn is not None,
-                HAS_GAMMA=gamma is not None, HAS_ROWSCALE=rowscale is not None, **launch, **LAUNCH_OPTIONS)
-    dw = dw_part.sum(0) if dw_part is not None and programs else (
-        torch.zeros(n, device=x.device) if weight is not None else None)
-    dg = dg_part.sum(0) if dg_part is not None and programs else (
-        torch.zeros(n, device=x.device) if gamma is not None else None)
+            plan.run(**tensors)
+    dw = (parts["DW_PART"].sum(0) if rows else torch.zeros(n, device=x.device)) if weight is not None else None
+    dg = (parts["DG_PART"].sum(0) if rows else torch.zeros(n, device=x.device)) if gamma is not None else None
     return dw, dg
 
 
 # --- plain RMSNorm ----------------------------------------------------------------------
-
-OP = "rms_norm"
 
 
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -253,7 +287,7 @@ def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
         raise ValueError(f"{OP}: out must be {tuple(x.shape)} {_out_dtype(x, weight)}, "
                          f"got {tuple(out.shape)} {out.dtype}")
     x2, y2 = as_rows(OP, "x", x, n), as_rows(OP, "out", out, n)
-    _launch(OP, x2, None, None, weight.contiguous(), None, y2, eps, n, config)
+    _launch(OP, x2, None, None, weight.contiguous(), None, y2, eps, config)
     return out
 
 
@@ -312,8 +346,6 @@ rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 # --- residual + LayerScale + RMSNorm ----------------------------------------------------
 
-RES_OP = "residual_rms_norm"
-
 
 def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                              weight: Optional[torch.Tensor], eps: float, x_out: torch.Tensor,
@@ -347,7 +379,7 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     x2, y2, xo = (as_rows(op, nm, t, n) for nm, t in (("x", x), ("y", y), ("x_out", x_out)))
     ho = as_rows(op, "h_out", h_out, n) if h_out is not None else None
     _launch(op, x2, y2, gamma.contiguous() if gamma is not None else None,
-            weight.contiguous() if weight is not None else None, xo, ho, eps, n, config,
+            weight.contiguous() if weight is not None else None, xo, ho, eps, config,
             rowscale.contiguous().reshape(-1) if rowscale is not None else None)
 
 
@@ -396,18 +428,28 @@ residual_rms_norm.register_autograd(_res_backward, setup_context=_res_setup)
 
 # --- what the tools need to know (registry) ----------------------------------------------
 
-def _row_args(shape: Shape) -> dict:
-    p, n = registry.POINTER[shape.dtype], shape.width
-    return dict(X=p, Y=p, G=p, W=p, X_OUT=p, H_OUT=p, S=p, stride_x=n, stride_y=n, stride_xo=n, stride_ho=n,
-                N=n, eps=1e-6)
-
-
 def _norm_candidates(arch: str):
     return [dict(num_warps=w) for w in ((4, 16) if arch == "smoke" else (4, 8, 16))]
 
 
-def _row_shape(shape: Shape) -> dict:
-    return {"M": shape.rows, "N": shape.width, "dtype": registry.DTYPE_NAMES[shape.dtype]}
+def _row_metas(shape: Shape, names, dtypes=None) -> Dict[str, Meta]:
+    m = Meta.contiguous((shape.rows, shape.width), shape.dtype)
+    return {t: (m if t not in ("G", "W", "S") else Meta.contiguous((shape.width,), shape.dtype)) for t in names}
+
+
+# The variants the fast path launches: the plain norm; residual + LayerScale with and without
+# the next norm (the last block), with and without drop path's row scale (training); without
+# LayerScale for a model built with init_values=0.
+_FWD_VARIANTS = [dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False)] + [
+    dict(HAS_RESIDUAL=True, HAS_GAMMA=g, HAS_NORM=n, HAS_ROWSCALE=r)
+    for g in (True, False) for n in (True, False) for r in (False, True)]
+
+
+def _fwd_plans(flag_sets):
+    def plans(target: Target):
+        return [plan_rows(OP if not f["HAS_RESIDUAL"] else RES_OP, _row_metas(s, _FWD_TENSORS), 1e-6, f, target)
+                for s in registry.segmentation_shapes() for f in flag_sets]
+    return plans
 
 
 def _rms_inputs(shape: Shape, device) -> dict:
@@ -424,6 +466,14 @@ def _res_inputs(shape: Shape, device) -> dict:
                 weight=r((shape.width,), shape.dtype, device, 1.0, 1.0), eps=1e-6)
 
 
+def _plan_for(flags):
+    def plan_for(i: dict, target: Target) -> LaunchPlan:
+        x = Meta.of(i["x"])
+        return plan_rows(OP if not flags["HAS_RESIDUAL"] else RES_OP, {t: x for t in _FWD_TENSORS}, i["eps"], flags,
+                         target)
+    return plan_for
+
+
 SPEC = KernelSpec(
     name=OP,
     math="h = round(x / sqrt(mean(x^2) + eps)) * w",
@@ -433,29 +483,10 @@ SPEC = KernelSpec(
     new_outputs=lambda i: {"h": registry.nan_like(i["x"])},
     launch=lambda i, o, cfg: rms_norm_launch(i["x"], i["weight"], i["eps"], o["h"], cfg),
     reference=lambda i: {"h": rms_norm_ref(i["x"], i["weight"], i["eps"])},
-    eager=lambda i: rms_norm_ref(i["x"], i["weight"], i["eps"]),
-    compile_specs=registry.row_specs(OP, _rms_norm_kernel, dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True,
-                                                                HAS_ROWSCALE=False), _row_args, LAUNCH_OPTIONS),
+    plans=_fwd_plans(_FWD_VARIANTS[:1]),
+    plan_for=_plan_for(_FWD_VARIANTS[0]),
     candidates=_norm_candidates,
-    tuned_shape=_row_shape,
-    traffic=lambda s, cfg=None: (2 * s.rows * s.width * s.el + s.width * s.el,) * 2,
 )
-
-
-def _res_specs(arch: int):
-    out = []
-    for gamma in (True, False):
-        for norm in (True, False):
-            for rowscale in (False, True):  # drop path (training)
-                flags = dict(HAS_RESIDUAL=True, HAS_GAMMA=gamma, HAS_NORM=norm, HAS_ROWSCALE=rowscale)
-                out += registry.row_specs(RES_OP, _rms_norm_kernel, flags, _row_args, LAUNCH_OPTIONS)(arch)
-    return out
-
-
-def _res_traffic(s: Shape, cfg=None):
-    b = 4 * s.rows * s.width * s.el + 2 * s.width * s.el
-    return b, b
-
 
 RES_SPEC = KernelSpec(
     name=RES_OP,
@@ -467,11 +498,9 @@ RES_SPEC = KernelSpec(
     launch=lambda i, o, cfg: residual_rms_norm_launch(i["x"], i["y"], i["gamma"], i["weight"], i["eps"],
                                                       o["x_new"], o["h"], cfg),
     reference=lambda i: dict(zip(("x_new", "h"), rms_norm_ref(i["x"], i["weight"], i["eps"], i["y"], i["gamma"]))),
-    eager=lambda i: rms_norm_ref(i["x"], i["weight"], i["eps"], i["y"], i["gamma"]),
-    compile_specs=_res_specs,
+    plans=_fwd_plans(_FWD_VARIANTS[1:]),
+    plan_for=_plan_for(_FWD_VARIANTS[1]),
     candidates=_norm_candidates,
-    tuned_shape=_row_shape,
-    traffic=_res_traffic,
 )
 
 __all__ = ["rms_norm", "rms_norm_launch", "rms_norm_ref", "residual_rms_norm", "residual_rms_norm_launch",
@@ -480,25 +509,23 @@ __all__ = ["rms_norm", "rms_norm_launch", "rms_norm_ref", "residual_rms_norm", "
 
 # --- backward: what the tools need to know --------------------------------------------------
 
-BWD_OP = "rms_norm_backward"
+# The backward's variants: the plain norm's (rms_norm, qk_norm), and the residual op's with
+# or without LayerScale, the next norm (not after the last block) and drop path.
+_BWD_VARIANTS = [dict(HAS_NORM=True, HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_ROWSCALE=False)] + [
+    dict(HAS_NORM=n, HAS_RESIDUAL=True, HAS_GAMMA=g, HAS_ROWSCALE=r)
+    for g in (True, False) for n in (True, False) for r in (False, True)]
 
 
-def _bwd_args(shape: Shape) -> dict:
-    p, n = registry.POINTER[shape.dtype], shape.width
-    return dict(X=p, W=p, DH=p, DXN=p, Y=p, G=p, S=p, DX=p, DY=p, DW_PART="*fp32", DG_PART="*fp32",
-                rows=shape.rows, N=n, eps=1e-6, stride_x=n, stride_dh=n, stride_dxn=n, stride_y=n, stride_dx=n,
-                stride_dy=n, rows_per_program=10)
+def _bwd_metas(shape: Shape, sms: int) -> Dict[str, Meta]:
+    metas = _row_metas(shape, _BWD_TENSORS)
+    programs = _bwd_split(shape.rows, sms)[0]
+    metas["DW_PART"] = metas["DG_PART"] = Meta.contiguous((programs, shape.width), torch.float32)
+    return metas
 
 
-def _bwd_specs(arch: int):
-    out = []
-    for flags in (dict(HAS_NORM=True, HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_ROWSCALE=False),  # rms_norm, qk_norm
-                  dict(HAS_NORM=True, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=False),
-                  dict(HAS_NORM=True, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=True),
-                  dict(HAS_NORM=False, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=True)):
-        specs = registry.row_specs(BWD_OP, _rms_norm_bwd_kernel, flags, _bwd_args, LAUNCH_OPTIONS)(arch)
-        out += [s for s in specs if "M=1297" in s.label or "tuned" in s.label]  # rows only bound a loop
-    return out
+def _bwd_plans(target: Target):
+    return [plan_rows_bwd(_bwd_metas(s, target.sms), 1e-6, f, target)
+            for s in registry.segmentation_shapes() for f in _BWD_VARIANTS]
 
 
 def _bwd_inputs(shape: Shape, device) -> dict:
@@ -526,6 +553,11 @@ def _bwd_run(i: dict, o: dict, cfg) -> None:
     o["dweight"].copy_(dw)
 
 
+def _bwd_plan_for(i: dict, target: Target) -> LaunchPlan:
+    return plan_rows_bwd(_bwd_metas(Shape(*i["x"].shape, dtype=i["x"].dtype), target.sms), i["eps"],
+                         dict(HAS_NORM=True, HAS_RESIDUAL=True, HAS_GAMMA=True, HAS_ROWSCALE=True), target)
+
+
 BWD_SPEC = KernelSpec(
     name=BWD_OP,
     math="gradients of residual_rms_norm (and of rms_norm and qk_norm: the same kernel without the residual)",
@@ -535,10 +567,7 @@ BWD_SPEC = KernelSpec(
                            "dgamma": registry.nan_like(i["gamma"]), "dweight": registry.nan_like(i["weight"])},
     launch=_bwd_run,
     reference=_bwd_reference,
-    eager=_bwd_reference,
-    compile_specs=_bwd_specs,
+    plans=_bwd_plans,
+    plan_for=_bwd_plan_for,
     candidates=_norm_candidates,
-    tuned_shape=_row_shape,
-    # reads x_new, y, dx_new, dh; writes dx, dy (the partial sums are small)
-    traffic=lambda s, cfg=None: (6 * s.rows * s.width * s.el,) * 2,
 )

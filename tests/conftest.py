@@ -20,18 +20,18 @@ def _fresh_seed(request):
 
 @pytest.fixture
 def tuned_table(tmp_path, monkeypatch):
-    """Install a tuned table (a dict in kernels/tuned/'s format) as this machine's sm90 table."""
+    """Install a tuned table (a dict in kernels/tuned/'s format) as the table of the card the
+    tests run on (the interpreter's, on a CPU; the GPU's own arch on a GPU)."""
     import json
 
     from internvit_fast.kernels import tuning
+    from internvit_fast.kernels.launch import Target
 
     def install(table: dict) -> None:
-        (tmp_path / "sm90.json").write_text(json.dumps(table))
+        arch = Target.of(DEVICE).arch
+        (tmp_path / f"{arch}.json").write_text(json.dumps(table))
         monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
-        monkeypatch.setattr(tuning, "arch_of", lambda device: "sm90")
         tuning.table.cache_clear()
-        tuning._entry.cache_clear()
 
     yield install
     tuning.table.cache_clear()
-    tuning._entry.cache_clear()

@@ -26,7 +26,7 @@ def _spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kw", [
     dict(out_indices=[0, 1, 2, 3]),
     dict(out_indices=[0, 1, 2, 3], with_fpn=True, with_final_norm=True),
@@ -119,7 +119,7 @@ def test_training_gradients_low_precision_by_the_parity_rule(device, dtype, case
 
 
 def test_frozen_vit_trains_the_fpn_through_the_inference_kernels(device, monkeypatch):
-    from internvit_fast.kernels import linear
+    from internvit_fast.kernels import block_ops as linear
     naive, fast, _ = _pair(torch.float32, freeze_vit=True, with_fpn=True, out_indices=[0, 1, 2, 3])
     fast = fast.to(device).train()
     used = []

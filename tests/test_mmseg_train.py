@@ -3,6 +3,7 @@ than one process (DDP and FSDP on CPU with gloo), sharded checkpoints, the train
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -306,10 +307,17 @@ def test_train_and_test_entry_points(tmp_path):
     assert bad.returncode == 2 and "checkpoint /nonexistent.pth: no such file or folder" in bad.stderr
 
 
+def _free_port():
+    """A port nothing listens on now: a fixed or hashed one collides with a run still in TIME_WAIT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(args, work_env=None, torchrun=False, timeout=900):
     """python -m internvit_fast.mmseg ARGS (under torchrun with two processes when asked)."""
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(29500 + (os.getpid() + sum(map(ord, str(args)))) % 1000)] if torchrun else [sys.executable]
+            str(_free_port())] if torchrun else [sys.executable]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", **(work_env or {}))
     p = subprocess.run(head + ["-m", "internvit_fast.mmseg", *map(str, args)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)

@@ -73,28 +73,59 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = json.loads(p.stdout)
     builds = [r for r in records if r["target"] in ("sm_90", "sm_80")]
-    for key in ("kernel", "target", "registers", "spills", "shared_bytes", "wgmma", "tma", "fma_contracted"):
+    for key in ("kernel", "target", "function", "constexprs", "options", "registers", "spills", "shared_bytes",
+                "wgmma", "tma", "fma_contracted"):
         assert all(key in r for r in builds), key
+    assert all(set(r["options"]) >= {"enable_fp_fusion", "num_warps", "num_stages"} for r in builds)
     from internvit_fast.kernels import REGISTRY
     assert {r["kernel"] for r in builds} == {s.id for s in REGISTRY}
-    gemm90 = [r for r in builds if r["target"] == "sm_90" and r["kernel"].startswith("linear")
-              and "USE_TMA=True" in r["config"]]
+    gemm90 = [r for r in builds if r["target"] == "sm_90" and r["function"] == "_linear_kernel"
+              and r["constexprs"]["USE_TMA"]]
     assert gemm90 and all(r["wgmma"] and r["tma"] and r["main_loop_spills"] == 0 for r in gemm90)
     assert not any(r["fma_contracted"] for r in builds)
+    rounding = [r for r in builds if r["kernel"] in ("rms_norm", "residual_rms_norm", "qk_norm", "rms_norm_backward")
+                or r["constexprs"].get("EPILOGUE") == 2]
+    assert rounding and not any(r["options"]["enable_fp_fusion"] for r in rounding)
     moved = {r["kernel"]: r for r in records if r["target"] == "traffic"}
     assert moved["qk_norm"]["bytes_moved"] == moved["qk_norm"]["bytes_min"]  # v is not copied
 
 
+def test_gate_builds_every_variant_the_fast_path_launches():
+    """Run the fast model (inference and training with drop path and with_cp, every dtype,
+    with and without LayerScale) and record each plan launched; planned for sm_90 the same way,
+    every variant (function, flags, dtype, FMA contraction) is among the gate's builds."""
+    from helpers import small_model
+    from internvit_fast import compile_check
+    from internvit_fast.kernels import REGISTRY
+    from internvit_fast.kernels.launch import recording
+    gate = {p.variant() for spec in REGISTRY for p in spec.plans(compile_check.target(90))}
+    with recording() as plans:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for init_values in (0.1, None):
+                model = small_model(dtype=dtype, fast=True, depth=2, out_indices=[1], drop_path_rate=0.2,
+                                    init_values=init_values, with_cp=init_values is None)
+                img = torch.randn(2, 3, 28, 28)
+                with torch.no_grad():
+                    model.eval()(img)
+                model.train()
+                sum(f.float().sum() for f in model(img)).backward()
+    launched = {p.variant() for p in plans}
+    assert len(launched) > 10
+    missing = launched - gate
+    assert not missing, f"launched but never built by the gate: {sorted(missing)}"
+
+
 GATE_SCRIPT = """if True:
     import sys
+    import torch
     import internvit_fast.compile_check as cc
     from internvit_fast.kernels import REGISTRY
     want = sys.argv[1]
     specs = {s.id: s for s in REGISTRY}
     cc.REGISTRY = [specs["rms_norm"], specs["linear_residual[proj]"]]
     for s in cc.REGISTRY:  # one bf16 build each
-        real = s.compile_specs
-        s.compile_specs = lambda arch, real=real: [c for c in real(arch) if "bf16" in c.label][:1]
+        real = s.plans
+        s.plans = lambda target, real=real: [p for p in real(target) if p.dtype == torch.bfloat16][:1]
     if want == "spill":
         real_read = cc.read_cubin
         def spilled(cubin):
@@ -113,14 +144,14 @@ GATE_SCRIPT = """if True:
             return ck
         cc.triton.compile = no_wgmma
     if want == "fma":
-        for s in cc.REGISTRY:
-            real = s.compile_specs
-            def fused(arch, real=real):
-                out = real(arch)
-                for c in out:
-                    c.options = dict(c.options, enable_fp_fusion=True)
-                return out
-            s.compile_specs = fused
+        # the launcher's own plan turns FMA contraction on: what linear_launch runs and the gate builds
+        from internvit_fast.kernels import gemm
+        real_plan = gemm.plan_linear
+        def contracted(*a, **k):
+            plan = real_plan(*a, **k)
+            plan.options["enable_fp_fusion"] = True
+            return plan
+        gemm.plan_linear = contracted
     if want == "late-load":
         cc.loads_after_first_store = lambda sass: 2
     sys.exit(cc.main(["--arch", "90"]))
@@ -132,6 +163,7 @@ GATE_SCRIPT = """if True:
     ("loop-spill", "3 spill instructions inside the main loop"),
     ("no-wgmma", "sm_90 GEMM does not use wgmma"),
     ("fma", "contracted fma in a kernel that promises"),
+    ("fma", "built with FMA contraction on"),
     ("late-load", "2 global loads issued after the first store"),
 ])
 def test_compile_gate_fails_on_each_defect(mutation, message):

@@ -1,11 +1,14 @@
-"""Tuned launch configurations: lookup rules, the fused/unfused choice, their use by the compile gate."""
+"""Tuned launch configurations: lookup rules, the fused/unfused choice, the tuner writing
+where the launchers read, and the compile gate building what a table names."""
 import pytest
 import torch
 
 from internvit_fast.kernels import REGISTRY, tuning
 from internvit_fast.kernels._common import row_launch
+from internvit_fast.kernels.launch import Target, lookup, table_key
+from internvit_fast.kernels.registry import Shape, run
 
-TABLE = {"configs": {
+TABLE = {
     "linear_gelu": [
         {"shape": {"M": 1297, "N": 12800, "K": 3200, "dtype": "bf16"}, "impl": "unfused",
          "config": {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPI_SPLIT": 2, "num_warps": 4,
@@ -14,46 +17,62 @@ TABLE = {"configs": {
          "config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPI_SPLIT": 1, "num_warps": 8,
                     "num_stages": 3}}],
     "rms_norm": [{"shape": {"M": 1297, "N": 3200, "dtype": "bf16"}, "config": {"num_warps": 8}}],
-}}
+}
+SM90 = Target("sm90", 132, TABLE)
 
 
-@pytest.fixture
-def sm90_table(tuned_table):
-    tuned_table(TABLE)
-
-
-def test_lookup_takes_nearest_rows_and_exact_rest(sm90_table):
-    cpu = torch.device("cpu")
-    small = tuning.lookup("linear_gelu", cpu, M=2594, N=12800, K=3200, dtype=torch.bfloat16)
-    large = tuning.lookup("linear_gelu", cpu, M=8000, N=12800, K=3200, dtype=torch.bfloat16)
-    assert small["BLOCK_M"] == 64 and large["BLOCK_M"] == 128
-    assert tuning.lookup("linear_gelu", cpu, M=1297, N=12800, K=3200, dtype=torch.float16) is None
-    assert tuning.lookup("linear_gelu", cpu, M=1297, N=1000, K=3200, dtype=torch.bfloat16) is None
-    assert tuning.lookup("qk_norm", cpu, M=1297, N=3200, dtype=torch.bfloat16) is None
-    got = tuning.lookup("rms_norm", cpu, M=5000, N=3200, dtype=torch.bfloat16)
+def test_lookup_takes_nearest_rows_and_exact_rest():
+    def get(name, **shape):
+        entry = lookup(SM90, table_key(name, **shape))
+        return entry and entry["config"]
+    assert get("linear_gelu", M=2594, N=12800, K=3200, dtype=torch.bfloat16)["BLOCK_M"] == 64
+    assert get("linear_gelu", M=8000, N=12800, K=3200, dtype=torch.bfloat16)["BLOCK_M"] == 128
+    assert get("linear_gelu", M=1297, N=12800, K=3200, dtype=torch.float16) is None
+    assert get("linear_gelu", M=1297, N=1000, K=3200, dtype=torch.bfloat16) is None
+    assert get("linear_gelu", M=1297, K=12800, N=3200, dtype=torch.bfloat16) is None  # N and K are not interchangeable
+    assert get("qk_norm", M=1297, N=3200, dtype=torch.bfloat16) is None
+    got = get("rms_norm", M=5000, N=3200, dtype=torch.bfloat16)
     assert row_launch(3200, got) == {"BLOCK_N": 4096, "num_warps": 8}
     assert row_launch(3200, None) == {"BLOCK_N": 4096, "num_warps": 16}
 
 
-def test_choice_follows_the_nearest_measured_shape(sm90_table):
-    cpu = torch.device("cpu")
-    assert tuning.choice("linear_gelu", cpu, M=1297, N=12800, K=3200, dtype=torch.bfloat16) == "unfused"
-    assert tuning.choice("linear_gelu", cpu, M=9000, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
-    assert tuning.choice("linear_gelu", cpu, M=1297, N=12800, K=3200, dtype=torch.float16) == "fused"
-    assert tuning.choice("linear_residual", cpu, M=1297, N=3200, K=3200, dtype=torch.bfloat16) == "fused"
+def test_choice_follows_the_nearest_measured_shape():
+    assert tuning.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.bfloat16) == "unfused"
+    assert tuning.choice("linear_gelu", SM90, M=9000, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
+    assert tuning.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.float16) == "fused"
+    assert tuning.choice("linear_residual", SM90, M=1297, N=3200, K=3200, dtype=torch.bfloat16) == "fused"
 
 
 def test_no_table_means_heuristics():
-    assert tuning.arch_of(torch.device("cpu")) is None
-    assert tuning.lookup("rms_norm", torch.device("cpu"), M=1, N=64, dtype=torch.float32) is None
+    assert Target.of(torch.device("cpu")).table == {}
+    assert lookup(Target("sm90", 132), table_key("rms_norm", M=1, N=64, dtype=torch.float32)) is None
 
 
-def test_compile_gate_includes_tuned_configs(sm90_table):
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.id)
+def test_an_entry_the_tuner_writes_is_the_one_the_launcher_reads(device, spec, tuned_table):
+    """The tuner keys an entry by the launcher's own plan; the launcher then plans with it."""
+    from benchmarks.tune import entry_for
+    inputs = spec.make_inputs(Shape(37, 96, 384, torch.bfloat16), device)
+    config = spec.candidates("smoke")[-1]
+    name, entry = entry_for(spec, inputs, config, 0.1)
+    tuned_table({"configs": {name: [entry]}})
+    plan = spec.plan_for(inputs, Target.of(device))
+    assert plan.tuned, f"{spec.id}: the launcher did not find the entry the tuner wrote under {name} {entry['shape']}"
+    for k, v in config.items():
+        if k in plan.options:
+            assert plan.options[k] == v, (k, plan.options[k], v)
+        elif k in plan.constexprs:
+            assert plan.constexprs[k] == v, (k, plan.constexprs[k], v)
+    got = run(spec, inputs)  # and the launch with the tuned entry computes the op
+    assert all(not torch.isnan(t).any() for t in got.values())
+
+
+def test_compile_gate_builds_the_configurations_a_table_names():
     specs = {s.id: s for s in REGISTRY}
-    tuned = [c for c in specs["linear_gelu"].compile_specs(90) if c.label.startswith("tuned")]
-    assert {(c.constexprs["BLOCK_M"], c.options["num_warps"]) for c in tuned} == {(64, 4), (128, 8)}
-    rows = [c for c in specs["rms_norm"].compile_specs(90) if c.label.startswith("tuned")]
-    assert [c.options["num_warps"] for c in rows] == [8]
+    tuned = [p for p in specs["linear_gelu"].plans(SM90) if p.tuned]
+    assert {(p.constexprs["BLOCK_M"], p.options["num_warps"]) for p in tuned} == {(64, 4), (128, 8)}
+    rows = [p for p in specs["rms_norm"].plans(SM90) if p.tuned]
+    assert rows and {p.options["num_warps"] for p in rows} == {8}
 
 
 def test_tuned_dir_is_the_repositorys():

@@ -1,0 +1,395 @@
+"""The block's linear layers as one persistent GEMM with a fused epilogue.
+
+    y = epilogue(round(a @ w^T + b))            a: (M, K), w: (N, K) nn.Linear weight, b: (N,)
+
+    EPI_GELU       (fc1):       y = round(GELU(h)),                  exact erf GELU
+    EPI_RESIDUAL   (proj, fc2): y = round(x + round(gamma * h))      the new residual stream
+    EPI_GELU_GRAD  (fc1's input gradient in training): y = round(h * GELU'(x)), w given (K, N)
+    EPI_NONE:                   y = h
+
+``round`` is to the activation dtype at the points where upstream's eager ops round:
+nn.Linear's output (bias added in fp32, as cuBLAS's epilogue does), LayerScale's product,
+the residual sum. The residual epilogue therefore gives the reference path's residual
+stream bit for bit for the same GEMM result; it is built without FMA contraction.
+
+How it runs, as Triton's tutorial 09 (persistent matmul) builds it on sm_90: one program
+per SM loops over output tiles; operands arrive through TMA tensor descriptors into a
+software pipeline of ``num_stages`` and feed ``wgmma``; bias, gamma and the residual tile
+are loaded before each tile's main loop; the epilogue works on ``EPI_SPLIT`` column
+sub-tiles to keep register pressure below spilling. Tiles are visited in groups of about
+GROUP_M row-tiles that sweep the column-tiles together (their weight tiles are shared
+through L2); the groups are balanced, so no last group of one row-tile re-streams the
+whole weight alone. sm_80 (and operands TMA cannot take: rows not 16-byte aligned) runs
+the same kernel with pointer loads, which Triton pipelines with cp.async.
+
+``plan_linear`` is the launch decision (configuration from the tuned table or the
+defaults below, TMA or pointers, grid); ``linear_launch`` checks the inputs and runs it.
+The ops that use it (fc1 + GELU, proj/fc2 + residual + the next norm) are in block_ops.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, cast, check_tensors, on_device
+from .gelu import gelu_grad, gelu_value
+from .launch import Desc, LaunchPlan, Meta, Target, lookup, table_key
+
+EPI_NONE = tl.constexpr(0)
+EPI_GELU = tl.constexpr(1)
+EPI_RESIDUAL = tl.constexpr(2)
+EPI_GELU_GRAD = tl.constexpr(3)
+EPILOGUES = {"none": EPI_NONE.value, "gelu": EPI_GELU.value, "residual": EPI_RESIDUAL.value,
+             "gelu_grad": EPI_GELU_GRAD.value}
+# The tuned table's name for each epilogue's GEMM.
+TABLE_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "linear",
+              "gelu_grad": "linear_gelu_grad"}
+
+# Launch configurations before tuning, chosen so the sm_90 build keeps its main loop free
+# of spills (python -m internvit_fast.compile_check). fc1 (N = 12800): 128x256 tiles over
+# two warpgroups, epilogue in two 128x128 halves (unsplit, the GELU epilogue spilled 80
+# bytes; split, 8 bytes, outside the main loop), 3 stages (4 stages spill). proj/fc2
+# (N = 3200 = 25 x 128): 128x128 tiles, 4 stages. sm_80: 128x128x32, 4 stages, fits the
+# A100's shared memory. fp32 runs full-precision FMA ("ieee": torch's default has no TF32)
+# with small tiles and pointer loads (through TMA the FMA loop spilled 368 bytes on sm_90).
+# The interpreter gets tiny tiles (it runs programs one by one), split epilogues and small
+# groups, so the CPU tests cover them.
+CONFIGS = {
+    ("sm90", "gelu"): dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
+                           num_stages=3),
+    ("sm90", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
+                               num_stages=4),
+    ("sm80", "gelu"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
+                           num_stages=4),
+    ("sm80", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
+                               num_stages=4),
+    ("fp32", "gelu"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=1, num_warps=4,
+                           num_stages=3, USE_TMA=False),
+    ("fp32", "residual"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=1, num_warps=4,
+                               num_stages=3, USE_TMA=False),
+    ("interpreter", "gelu"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4,
+                                  num_stages=1),
+    ("interpreter", "residual"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2,
+                                      num_warps=4, num_stages=1),
+}
+for _arch in ("interpreter", "sm90", "sm80", "fp32"):  # a plain GEMM and fc1's backward: fc1's shapes
+    CONFIGS[_arch, "none"] = CONFIGS[_arch, "gelu_grad"] = CONFIGS[_arch, "gelu"]
+# fc1's backward (GELU's derivative in the epilogue, its operand a second tile): at 128x256
+# the sm_90 build spilled 184 bytes after the main loop; 128x128 does not spill.
+CONFIGS["sm90", "gelu_grad"] = CONFIGS["sm90", "residual"]
+
+
+def linear_ref(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epilogue: str = "none",
+               gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain torch: the eager ops the kernel replaces (nn.Linear, then nn.GELU or LayerScale + add)."""
+    h = F.linear(a, weight, bias)
+    if epilogue == "gelu":
+        return F.gelu(h)
+    if epilogue == "residual":
+        return residual + (h if gamma is None else (h.float() * gamma.float()).to(h.dtype))
+    return h
+
+
+# --- the kernel --------------------------------------------------------------------------
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row-tile, column-tile) of ``tile`` in grouped order with balanced groups.
+
+    The row-tiles are cut into cdiv(num_pid_m, GROUP_M) groups whose sizes differ by at
+    most one (41 row-tiles in groups of at most 8: 7,7,7,7,7,6, not 8,8,8,8,8,1). Inside a
+    group, consecutive tiles walk down the group's rows, then to the next column-tile:
+    the programs running at one time share weight tiles in L2.
+    """
+    n_groups = tl.cdiv(num_pid_m, GROUP_M)
+    small = num_pid_m // n_groups  # rows of the smaller groups; the first n_big have one more
+    n_big = num_pid_m - small * n_groups
+    big_tiles = n_big * (small + 1) * num_pid_n
+    in_big = tile < big_tiles
+    size = tl.where(in_big, small + 1, small)
+    t = tl.where(in_big, tile, tile - big_tiles)
+    g = t // (size * num_pid_n)
+    first = tl.where(in_big, g * (small + 1), n_big * (small + 1) + g * small)
+    local = t - g * size * num_pid_n
+    return first + local % size, local // size
+
+
+@triton.jit
+def _vector(P, cols, N):
+    """A (cols,) slice of an (N,) parameter, in fp32."""
+    return tl.load(P + cols, mask=cols < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    if USE_TMA:
+        return X.load([off_m, off_n]).to(tl.float32)
+    else:
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, SUB_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        return tl.load(X + rm[:, None].to(tl.int64) * stride_xm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
+            EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_TMA: tl.constexpr):
+    """The epilogue of one (BLOCK_M, SUB_N) sub-tile: bias, rounding, GELU or residual, store."""
+    if USE_TMA:
+        ty = Y.dtype
+    else:
+        ty = Y.dtype.element_ty
+    h = acc
+    if HAS_BIAS:
+        h += bias[None, :]
+    h = cast(h, ty).to(tl.float32)  # nn.Linear's output in the activation dtype
+    if EPILOGUE == EPI_GELU:
+        y = gelu_value(h)
+    elif EPILOGUE == EPI_GELU_GRAD:
+        y = h * gelu_grad(x)  # x: the pre-activation tile
+    elif EPILOGUE == EPI_RESIDUAL:
+        if HAS_GAMMA:
+            h = cast(h * gamma[None, :], ty).to(tl.float32)  # LayerScale rounds its product
+        y = x + h
+    else:
+        y = h
+    if USE_TMA:
+        Y.store([off_m, off_n], cast(y, ty))
+    else:
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, SUB_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], cast(y, ty), mask=mask)
+
+
+@triton.jit
+def _linear_kernel(
+    A,  # (M, K) activations: TMA descriptor, block [BLOCK_M, BLOCK_K]; or pointer, row stride stride_am
+    W,  # (N, K) weight: descriptor, block [BLOCK_N, BLOCK_K]; or pointer, row stride stride_wn.
+        # W_KN: (K, N) instead (a weight used transposed, as in a backward), block [BLOCK_K, BLOCK_N]
+    X,  # (M, N) residual stream (EPILOGUE 2) or pre-activation (EPILOGUE 3): descriptor,
+        # block [BLOCK_M, BLOCK_N // EPI_SPLIT]; or pointer
+    Y,  # (M, N) output: descriptor like X; or pointer, row stride stride_ym
+    BIAS,  # (N,) (HAS_BIAS)
+    GAMMA,  # (N,) LayerScale (HAS_GAMMA)
+    M, N, K,
+    stride_am, stride_wn, stride_xm, stride_ym,  # pointer path only; unit column strides
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row-tiles per group (see _tile_coords)
+    EPI_SPLIT: tl.constexpr,  # 1 or 2 column sub-tiles in the epilogue
+    NUM_SMS: tl.constexpr,  # the card's SMs: program p runs tiles p, p + NUM_SMS, ... (grid <= NUM_SMS)
+    EPILOGUE: tl.constexpr,  # EPI_NONE, EPI_GELU, EPI_RESIDUAL or EPI_GELU_GRAD (times GELU' at X)
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,  # pointer path: K % BLOCK_K == 0, no mask in the main loop
+    DOT_PRECISION: tl.constexpr,
+    W_KN: tl.constexpr = False,
+):
+    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        # The epilogue's operands first: their loads complete while the main loop runs.
+        # (An absent operand is stood in for by `cols`, which its flag keeps unread.)
+        cols = off_n + tl.arange(0, SUB_N)
+        bias0, gamma0, x0 = cols, cols, cols
+        if HAS_BIAS:
+            bias0 = _vector(BIAS, cols, N)
+        if HAS_GAMMA:
+            gamma0 = _vector(GAMMA, cols, N)
+        if EPILOGUE == EPI_RESIDUAL:  # (the gelu_grad operand waits for the epilogue: it would spill here)
+            x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+        if EPI_SPLIT == 2:
+            bias1, gamma1, x1 = cols, cols, cols
+            if HAS_BIAS:
+                bias1 = _vector(BIAS, cols + SUB_N, N)
+            if HAS_GAMMA:
+                gamma1 = _vector(GAMMA, cols + SUB_N, N)
+            if EPILOGUE == EPI_RESIDUAL:
+                x1 = _residual_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            # Out-of-range rows, columns and K are zero-filled by the copy engine.
+            for ki in range(k_tiles):
+                a = A.load([off_m, ki * BLOCK_K])
+                if W_KN:
+                    b = W.load([ki * BLOCK_K, off_n])
+                else:
+                    b = W.load([off_n, ki * BLOCK_K]).T
+                if INTERPRET:  # the interpreter's bf16 dot is wrong; the GPU keeps bf16 MMAs
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            # Out-of-range rows/columns wrap onto valid ones for the loads (their results are
+            # never stored): no padding copy and no row mask in the main loop.
+            rm = (off_m + tl.arange(0, BLOCK_M)) % M
+            rn = (off_n + tl.arange(0, BLOCK_N)) % N
+            rk = tl.arange(0, BLOCK_K)
+            a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+            if W_KN:
+                w_ptrs = W + rk[:, None].to(tl.int64) * stride_wn + rn[None, :]  # (BLOCK_K, BLOCK_N) of w
+                w_step = BLOCK_K * stride_wn
+            else:
+                w_ptrs = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w^T
+                w_step = BLOCK_K
+            for ki in range(k_tiles):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(w_ptrs)
+                else:
+                    k_left = K - ki * BLOCK_K
+                    a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+                    b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+                if INTERPRET:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                w_ptrs += w_step
+
+        if EPILOGUE == EPI_GELU_GRAD:
+            x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+        if EPI_SPLIT == 2:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+            if EPILOGUE == EPI_GELU_GRAD:
+                x1 = _residual_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+            _finish(acc0, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                    HAS_BIAS, HAS_GAMMA, USE_TMA)
+            _finish(acc1, x1, bias1, gamma1, Y, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
+                    EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA)
+        else:
+            _finish(acc, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                    HAS_BIAS, HAS_GAMMA, USE_TMA)
+
+
+# --- the launch plan and the launcher ------------------------------------------------------------
+
+def default_config(target: Target, epilogue: str, dtype: torch.dtype) -> dict:
+    if target.arch == "interpreter":
+        return CONFIGS["interpreter", epilogue]
+    if dtype == torch.float32:
+        return CONFIGS["fp32", epilogue]
+    return CONFIGS["sm90" if target.hopper else "sm80", epilogue]
+
+
+def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: Optional[Meta] = None,
+                bias: Optional[Meta] = None, gamma: Optional[Meta] = None, weight_kn: bool = False,
+                config: Optional[dict] = None) -> LaunchPlan:
+    """The GEMM's launch for a (M, K) @ w (N, K) (or (K, N) when ``weight_kn``) into out
+    (M, N), ``x`` the residual stream or pre-activation of the epilogue. The configuration:
+    ``config`` (the tuner's), else the card's tuned table, else the defaults above; TMA where
+    the card and every operand allow it; one program per SM, striding over the tiles (NUM_SMS
+    is the card's SM count, not the grid's, so every shape shares one build)."""
+    m, k = a.shape
+    n = w.shape[1] if weight_kn else w.shape[0]
+    key = table_key(TABLE_NAME[epilogue], M=m, N=n, K=k, dtype=a.dtype)
+    entry = lookup(target, key)
+    cfg = dict(config or (entry or {}).get("config") or default_config(target, epilogue, a.dtype))
+    want_tma = cfg.pop("USE_TMA", True)
+    operands = [a, w, out] + ([x] if x is not None else [])
+    tma_card = target.hopper or target.arch == "interpreter"  # the interpreter emulates descriptors
+    use_tma = bool(want_tma) and tma_card and all(o.tma_ok() for o in operands)
+    bm, bn, bk, split = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("EPI_SPLIT")
+    warps, stages, group = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("GROUP_M")
+    if cfg:
+        raise ValueError(f"linear: unknown launch settings {sorted(cfg)}")
+    x_slot = x if x is not None else out
+    if use_tma:
+        tensors = dict(A=Desc(a, (bm, bk)), W=Desc(w, (bk, bn) if weight_kn else (bn, bk)),
+                       X=Desc(x_slot, (bm, bn // split)), Y=Desc(out, (bm, bn // split)))
+    else:
+        tensors = dict(A=a, W=w, X=x_slot, Y=out)
+    flags = dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
+                 W_KN=weight_kn)
+    args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
+                M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
+                stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EPI_SPLIT=split, NUM_SMS=target.sms,
+                      USE_TMA=use_tma, EVEN_K=k % bk == 0,
+                      DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **flags)
+    programs = min(target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    # The residual epilogue promises rounding points: no FMA contraction there.
+    options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=epilogue != "residual")
+    return LaunchPlan(_linear_kernel, (programs,), args, constexprs, options, flags, key, entry is not None,
+                      f"{TABLE_NAME[epilogue]} {(m, n, k)}")
+
+
+def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+                  epilogue: str = "none", gamma: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                  pre: Optional[torch.Tensor] = None, weight_kn: bool = False) -> torch.Tensor:
+    """Check the inputs, then write epilogue(a @ weight^T + bias) into ``out``.
+
+    ``epilogue``: "none", "gelu", "residual" (needs ``residual``, the (M, N) stream; ``gamma``
+    optional) or "gelu_grad" (times GELU's derivative at ``pre``, (M, N)). ``weight_kn``: the
+    weight is given as (K, N), i.e. ``a @ weight`` (a layer's weight in its backward).
+    ``config`` overrides the launch configuration (the tuner's); its ``USE_TMA`` (default
+    True) is honoured only where the card and the tensors allow.
+    """
+    op = f"linear[{epilogue}]"
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"linear: epilogue must be one of {sorted(EPILOGUES)}, got {epilogue!r}")
+    named = [("a", a), ("weight", weight), ("out", out)]
+    named += [] if bias is None else [("bias", bias)]
+    named += [] if gamma is None else [("gamma", gamma)]
+    if epilogue == "residual":
+        if residual is None:
+            raise ValueError(f"{op}: the residual epilogue needs the residual stream")
+        named.append(("residual", residual))
+    elif residual is not None or gamma is not None:
+        raise ValueError(f"{op}: gamma and residual belong to the residual epilogue")
+    if epilogue == "gelu_grad":
+        if pre is None:
+            raise ValueError(f"{op}: the gelu_grad epilogue needs the pre-activation")
+        named.append(("pre", pre))
+        residual = pre  # the same operand slot of the kernel
+    elif pre is not None:
+        raise ValueError(f"{op}: pre belongs to the gelu_grad epilogue")
+    check_tensors(op, *named)
+    for name, t in named[1:]:
+        if t.dtype != a.dtype:
+            raise ValueError(f"{op}: {name} dtype {t.dtype} differs from a dtype {a.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"{op}: weight must be 2-D ({'K, N' if weight_kn else 'N, K'}), got shape "
+                         f"{tuple(weight.shape)}")
+    k, n = weight.shape if weight_kn else weight.shape[::-1]
+    if a.ndim != 2 or a.shape[1] != k:
+        raise ValueError(f"{op}: a must be 2-D (M, {k}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(a.shape)}")
+    for name, t in (("bias", bias), ("gamma", gamma)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
+    m = a.shape[0]
+    for name, t in (("out", out), ("pre" if epilogue == "gelu_grad" else "residual", residual)):
+        if t is not None and t.shape != (m, n):
+            raise ValueError(f"{op}: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    for name, t in (("a", a), ("weight", weight), ("out", out), ("residual", residual)):
+        if t is not None and t.stride(1) != 1 and t.numel() > 1:
+            raise ValueError(f"{op}: {name} must have unit column stride, got strides {t.stride()}")
+    if residual is not None and residual.data_ptr() == out.data_ptr() and residual.stride() != out.stride():
+        raise ValueError(f"{op}: out may overwrite residual only with the same layout")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        raise ValueError(f"{op}: K = 0 (empty reduction) is not supported")
+    meta = {name: Meta.of(t) if t is not None else None for name, t in
+            (("a", a), ("w", weight), ("out", out), ("x", residual), ("bias", bias), ("gamma", gamma))}
+    plan = plan_linear(meta["a"], meta["w"], meta["out"], epilogue, Target.of(a.device), x=meta["x"],
+                       bias=meta["bias"], gamma=meta["gamma"], weight_kn=weight_kn, config=config)
+    given = dict(A=a, W=weight, X=residual if residual is not None else out, Y=out,
+                 BIAS=bias if bias is not None else weight, GAMMA=gamma if gamma is not None else weight)
+    values = {name: plan.descriptor(name, t) if isinstance(plan.args[name], Desc) else t for name, t in given.items()}
+    with on_device(a):
+        plan.run(**values)
+    return out
