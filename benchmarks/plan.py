@@ -16,15 +16,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+# The cards' ceilings (matmul, copy, fp64 rates) with their sources: one table for the plan
+# and the compile gate's cost model.
+from internvit_fast.costs import CARDS
 from internvit_fast.presets import PRESETS, flops_per_image
 
-# The cards' ceilings (TOOLCHAIN.md: measured on the project's GPU machine): bf16 matmul
-# ~790 TFLOP/s, device copy 3.0 TB/s (H100) and 4.3 TB/s (H200), read plus written.
-# FP64 tensor cores: 67 TFLOP/s on both (NVIDIA's datasheet).
-CARDS = {
-    "h100": dict(matmul_tflops=790.0, copy_gbs=3000.0, fp64_tflops=67.0),
-    "h200": dict(matmul_tflops=790.0, copy_gbs=4300.0, fp64_tflops=67.0),
-}
 # Fixed costs, seconds (assumptions: the first GPU run records what they really are).
 PROCESS_START = 8.0     # python, torch, triton imports, CUDA context, pytest collection
                         # (collection alone took 3.3 s on the 2-core CPU machine, 2026-11-30)

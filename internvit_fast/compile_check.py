@@ -33,15 +33,16 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from . import costs
 from .kernels import REGISTRY
 from .kernels._common import INTERPRETING
+from .kernels.gemm import EPILOGUES
 from .kernels.launch import LaunchPlan, Target
 from .kernels.registry import KernelSpec, main_shape
 from .kernels.tuning import table
@@ -94,23 +95,68 @@ def _opcode(inst: str) -> str:
     return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
 
 
-def main_loop_spills(sass: str):
-    """Spill instructions (STL/LDL) in the innermost loop around the MMA instructions, and its
-    length; None when no loop holds an MMA. The MMA is HGMMA (wgmma), else HMMA, else FFMA."""
-    insts, labels = sass_instructions(sass)
+def _loops(insts: List[str], labels: Dict[str, int], predicated: bool = False) -> List[Tuple[int, int]]:
+    """(first, last) instruction of each loop: a backward branch and its target. ``predicated``:
+    only conditional branches (ptxas places a wait's retry loop after the kernel's end and
+    jumps back unconditionally into the code, which is not a loop of the code)."""
     loops = []
     for i, inst in enumerate(insts):
         m = re.search(r"\bBRA\s+`?\(?(\.L\w+)", inst)
-        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+        if m and m.group(1) in labels and labels[m.group(1)] <= i and (inst.startswith("@") or not predicated):
             loops.append((labels[m.group(1)], i))
+    return loops
+
+
+def _main_loop(insts: List[str], labels: Dict[str, int]):
+    """(first, last) of the innermost loop around the MMA instructions (HGMMA, else HMMA, else
+    FFMA), or None."""
+    loops = _loops(insts, labels)
     ops = [_opcode(x) for x in insts]
     for marker in ("HGMMA", "HMMA", "FFMA"):
         at = [i for i, op in enumerate(ops) if op == marker]
         inside = [(e - s, s, e) for s, e in loops if any(s <= j <= e for j in at)]
         if inside:
-            _, s, e = min(inside)
-            return sum(ops[j] in ("STL", "LDL") for j in range(s, e + 1)), e - s + 1
+            return min(inside)[1:]
     return None
+
+
+def main_loop_spills(sass: str):
+    """Spill instructions (STL/LDL) in the main loop (the innermost loop around the MMA
+    instructions), and its length; None when no loop holds an MMA."""
+    insts, labels = sass_instructions(sass)
+    loop = _main_loop(insts, labels)
+    if loop is None:
+        return None
+    s, e = loop
+    return sum(_opcode(insts[j]) in ("STL", "LDL") for j in range(s, e + 1)), e - s + 1
+
+
+def epilogue_instructions(sass: str):
+    """Instructions (per warp) from the end of the main loop to the end of the tile loop
+    around it (to the kernel's end when there is none): a tile's epilogue, which nothing
+    overlaps with its main loop. None without a main loop."""
+    insts, labels = sass_instructions(sass)
+    loop = _main_loop(insts, labels)
+    if loop is None:
+        return None
+    outer = [e for s, e in _loops(insts, labels, predicated=True) if s < loop[0] and e > loop[1]]
+    end = min(outer) if outer else next((i for i in range(loop[1], len(insts)) if _opcode(insts[i]) == "EXIT"),
+                                         len(insts) - 1)
+    return end - loop[1]
+
+
+def serial_waits_before_mma(sass: str):
+    """mbarrier waits (SYNCS.PHASECHK: a TMA load's completion) a tile passes between its
+    start (the top of the loop around the main loop; the kernel's start when there is none)
+    and its main loop: each is a DRAM round trip before the tile's first MMA. None without a
+    main loop."""
+    insts, labels = sass_instructions(sass)
+    loop = _main_loop(insts, labels)
+    if loop is None:
+        return None
+    outer = [(s, e) for s, e in _loops(insts, labels, predicated=True) if s < loop[0] and e > loop[1]]
+    start = max(s for s, _ in outer) if outer else 0
+    return sum(insts[j].split()[0] != "BRA" and "SYNCS.PHASECHK" in insts[j] for j in range(start, loop[0]))
 
 
 def loads_after_first_store(sass: str) -> int:
@@ -137,6 +183,19 @@ def contracted_fmas(ptx: str, llir: str) -> int:
     return max(0, lanes - explicit)
 
 
+# An SM of sm_80 and sm_90: 64K 32-bit registers, allocated per warp in units of 256; shared
+# memory 164 KB (A100) and 228 KB (H100/H200), 1 KB of it reserved per CTA (CUDA programming
+# guide, compute capabilities table).
+SM_REGISTERS = 65536
+SM_SHARED = {80: 167936, 90: 233472}
+
+
+def fits(registers: int, warps: int, shared: int, ctas: int, arch: int = 90) -> bool:
+    """Whether ``ctas`` CTAs of this build can be resident on one SM together."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return ctas * warps * per_warp <= SM_REGISTERS and ctas * (shared + 1024) <= SM_SHARED[arch]
+
+
 def target(arch: int) -> Target:
     name, sms = TARGETS[arch]
     return Target(name, sms, table(name))
@@ -147,7 +206,7 @@ def is_gemm(plan: LaunchPlan) -> bool:
 
 
 def _config(plan: LaunchPlan) -> str:
-    skip = {"DOT_PRECISION", "NUM_SMS", "HAS_BIAS", "EVEN_K"}
+    skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K"}
     cfg = ",".join(f"{k}={v}" for k, v in plan.constexprs.items() if k not in skip)
     return f"{cfg},w{plan.options['num_warps']},s{plan.options.get('num_stages', 1)}"
 
@@ -178,13 +237,23 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
         loop = main_loop_spills(sass)
         rec["main_loop_spills"] = loop[0] if loop else None
         rec["main_loop_instructions"] = loop[1] if loop else None
+        rec["serial_waits_before_mma"] = serial_waits_before_mma(sass)
+        rec["epilogue_instructions"] = epilogue_instructions(sass)
         if loop is None:
             fail.append("no main loop around MMA instructions found in the SASS")
+        elif plan.flags.get("EPILOGUE") == EPILOGUES["residual"] and rec["serial_waits_before_mma"]:
+            fail.append(f"{rec['serial_waits_before_mma']} TMA waits before the main loop: the residual "
+                        "epilogue's loads are not overlapped with it")
         elif loop[0]:
             fail.append(f"{loop[0]} spill instructions inside the main loop")
         low_precision = plan.constexprs.get("DOT_PRECISION") != "ieee"  # fp32 runs FMA by design
         if arch >= 90 and low_precision and not rec["wgmma"]:
             fail.append("sm_90 GEMM does not use wgmma")
+        ctas = plan.constexprs.get("PROGRAMS", 0) // TARGETS[arch][1]
+        if ctas > 1 and not fits(rec["registers"], plan.options["num_warps"], rec["shared_bytes"], ctas, arch):
+            fail.append(f"{ctas} CTAs per SM planned, but {rec['registers']} registers x "
+                        f"{32 * plan.options['num_warps']} threads and {rec['shared_bytes']} bytes of shared "
+                        f"memory do not fit {ctas} on an SM")
         if plan.constexprs.get("USE_TMA") and not rec["tma"]:
             fail.append("built for TMA but the PTX has no cp.async.bulk.tensor")
     elif rec["spills"]:
@@ -200,13 +269,13 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
     return rec
 
 
-def check(arch: int) -> List[dict]:
+def check(arch: int, kernels=REGISTRY) -> List[dict]:
     """A record per kernel and distinct plan its planner makes for sm_<arch>. Plans that build
     the same binary (proj and fc2, say, or batch sizes that only change a runtime integer)
     are built once."""
     records, built, seen = [], {}, set()
     tgt = target(arch)
-    for kernel in REGISTRY:
+    for kernel in kernels:
         for plan in kernel.plans(tgt):
             key = _build_key(plan)
             if (kernel.id, key) in seen:
@@ -214,21 +283,96 @@ def check(arch: int) -> List[dict]:
             seen.add((kernel.id, key))
             if key not in built:
                 built[key] = build(kernel, plan, arch)
-            records.append(dict(built[key], kernel=kernel.id, launch=plan.label, tuned=plan.tuned))
+            rec = dict(built[key], kernel=kernel.id, launch=plan.label, tuned=plan.tuned)
+            if arch == 90 and is_gemm(plan) and rec.get("epilogue_instructions") is not None:
+                rec["predicted_us"] = predicted_gemm_us(plan, rec)
+            elif arch == 90 and is_gemm(plan):
+                rec["predicted_us"] = None
+            records.append(rec)
     return records
 
 
-def traffic() -> List[dict]:
-    """Each kernel's bytes moved at the main shape (as sm_90 plans it) against the least it must move."""
+def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]:
+    """The cost model's microseconds (costs.gemm_us) per Hopper card for one GEMM plan, from
+    its shape and launch and what its sm_90 build record read off the SASS."""
+    c, a = plan.constexprs, plan.args
+    m, n, k = a["M"], a["N"], a["K"]
+    el = 4 if plan.dtype == torch.float32 else 2
+    groups = triton.cdiv(triton.cdiv(m, c["BLOCK_M"]), c["GROUP_M"])
+    epi = c.get("EPILOGUE")
+    moved = (m * k + groups * n * k + m * n * (2 if epi in (2, 3) else 1)) * el  # a, w per group, y (+ x)
+    if c.get("FLATTEN"):  # the epilogue sits inside the flattened main loop: the model cannot place it
+        return None
+    return {name: round(costs.gemm_us(card, m, n, k, c["BLOCK_M"], c["BLOCK_N"], c["PROGRAMS"] // card["sms"],
+                                      plan.options["num_warps"], rec["epilogue_instructions"],
+                                      rec.get("serial_waits_before_mma") or 0, bool(c.get("FLATTEN")), moved,
+                                      tensor_cores=c.get("DOT_PRECISION") != "ieee"), 1)
+            for name, card in costs.CARDS.items()}
+
+
+def candidate_plans(kernel: KernelSpec, arch: int) -> List[LaunchPlan]:
+    """The plans the launcher makes at the main shape under each of the tuner's candidates for
+    sm_<arch>: as if the card's table held that candidate (the way a tuned launch is planned)."""
+    tgt = target(arch)
+    inputs = kernel.make_inputs(main_shape(), "meta")
+    name, items = kernel.plan_for(inputs, tgt).tuned_key
+    return [kernel.plan_for(inputs, Target(tgt.arch, tgt.sms, {name: [dict(shape=dict(items), config=cfg)]}))
+            for cfg in kernel.candidates(tgt.arch)]
+
+
+def traffic(kernels=REGISTRY, records=()) -> List[dict]:
+    """Each kernel's bytes moved at the main shape (as sm_90 plans it) against the least it
+    must move, and its predicted microseconds per card: a GEMM's from its sm_90 build among
+    ``records`` (absent when it was not built), a row kernel's from its bytes at copy
+    bandwidth."""
     shape = main_shape()
     tgt = target(90)
     out = []
-    for kernel in REGISTRY:
+    for kernel in kernels:
         plan = kernel.plan_for(kernel.make_inputs(shape, "meta"), tgt)
         moved, least, _ = costs.counts(kernel.id, shape, plan)
-        out.append(dict(kernel=kernel.id, shape=shape.label(), bytes_moved=moved, bytes_min=least,
-                        ratio=moved / least))
+        row = dict(kernel=kernel.id, shape=shape.label(), bytes_moved=moved, bytes_min=least, ratio=moved / least)
+        if not is_gemm(plan):
+            row["predicted_us"] = {name: round(costs.memory_us(card, moved), 1) for name, card in costs.CARDS.items()}
+        else:
+            found = [r for r in records if r["target"] == "sm_90" and r["kernel"] == kernel.id
+                     and r["constexprs"] == plan.constexprs and r["options"] == plan.options
+                     and r.get("epilogue_instructions") is not None]  # the binary this plan launches
+            if found and predicted_gemm_us(plan, found[0]):
+                row["predicted_us"] = predicted_gemm_us(plan, found[0])
+        out.append(row)
     return out
+
+
+def predictions(arch: int = 90) -> Dict[str, Dict[str, float]]:
+    """Each registry kernel's predicted microseconds per card at the main shape, its sm_90
+    plan there built once (what the GPU run sets beside its measurements)."""
+    if INTERPRETING:
+        raise RuntimeError("the kernels were imported for Triton's interpreter: nothing to compile")
+    tgt, records = target(arch), []
+    for kernel in REGISTRY:
+        plan = kernel.plan_for(kernel.make_inputs(main_shape(), "meta"), tgt)
+        records.append(dict(build(kernel, plan, arch), kernel=kernel.id, launch=plan.label))
+    return {t["kernel"]: t["predicted_us"] for t in traffic(REGISTRY, records) if t.get("predicted_us")}
+
+
+def print_block(moved: List[dict], out=sys.stdout) -> int:
+    """The per-block table of the cost model at the main shape: eager, torch.compile, fast."""
+    pred = {t["kernel"]: t["predicted_us"] for t in moved if "predicted_us" in t}
+    need = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
+    if any(k not in pred for k in need):
+        print("compile_check --block: needs the sm_90 builds of " + ", ".join(need), file=sys.stderr)
+        return 2
+    table = costs.block_table(pred, main_shape())
+    for card, paths in table.items():
+        print(f"\n== one block at {main_shape().label()} (504x504 UPerNet, batch 4), {card}: predicted us ==", file=out)
+        for path, ops in paths.items():
+            total = sum(ops.values())
+            parts = ", ".join(f"{op} {us:.0f}" for op, us in ops.items())
+            print(f"{path:<14} {total:7.0f} us  ({parts})", file=out)
+        e, c, f = (sum(paths[p].values()) for p in ("eager", "torch.compile", "fast"))
+        print(f"fast vs eager x{e / f:.2f}, vs torch.compile x{c / f:.2f}", file=out)
+    return 0
 
 
 def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
@@ -247,23 +391,45 @@ def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
                   f"{'-' if loop is None else loop:>4} {r['shared_bytes']:>7} {'yes' if r['wgmma'] else 'no':>5} "
                   f"{'yes' if r['tma'] else 'no':>3} {'yes' if r['fma_contracted'] else 'no':>3}  {r['launch']}",
                   file=out)
-    print("\n== bytes moved at the main shape (GEMMs: DRAM bytes with the weight read once per row-group) ==",
+    print("\n== bytes moved at the main shape (GEMMs: DRAM bytes with the weight read once per row-group), "
+          "and the cost model's time ==",
           file=out)
     for t in moved:
+        pred = t.get("predicted_us")
+        us = "  predicted " + ", ".join(f"{c} {v:.1f} us" for c, v in pred.items()) if pred else ""
         print(f"{t['kernel']:<22} {t['shape']:<14} {t['bytes_moved'] / 1e6:>9.1f} MB  minimum "
-              f"{t['bytes_min'] / 1e6:>9.1f} MB  x{t['ratio']:.2f}", file=out)
+              f"{t['bytes_min'] / 1e6:>9.1f} MB  x{t['ratio']:.2f}{us}", file=out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90, 80)")
     ap.add_argument("--json", action="store_true", help="print one JSON list of records instead of tables")
+    ap.add_argument("--candidates", action="store_true",
+                    help="build the tuner's candidates at the main shape instead of the launchers' plans")
+    ap.add_argument("--block", action="store_true",
+                    help="also print the cost model's per-block table (eager, torch.compile, fast) at the main shape")
+    ap.add_argument("--kernels", nargs="+", metavar="ID", help="only these registry kernels (e.g. linear_gelu)")
     args = ap.parse_args(argv)
     if INTERPRETING:  # the kernels were built for the interpreter: nothing to compile
         print("compile_check: TRITON_INTERPRET=1 is set; run it without the interpreter", file=sys.stderr)
         return 2
-    records = [r for arch in args.arch for r in check(arch)]
-    moved = traffic()
+    kernels = REGISTRY
+    if args.kernels:
+        unknown = set(args.kernels) - {k.id for k in REGISTRY}
+        if unknown:
+            ap.error(f"--kernels: no kernel {sorted(unknown)}; the registry has {[k.id for k in REGISTRY]}")
+        kernels = [k for k in REGISTRY if k.id in args.kernels]
+    if args.candidates:
+        records = [dict(build(k, p, arch), candidate=True, plan=p) for arch in args.arch for k in kernels
+                   for p in candidate_plans(k, arch) if is_gemm(p)]
+        for r in records:
+            plan = r.pop("plan")
+            if r["target"] == "sm_90" and r.get("epilogue_instructions") is not None:
+                r["predicted_us"] = predicted_gemm_us(plan, r)
+    else:
+        records = [r for arch in args.arch for r in check(arch, kernels)]
+    moved = traffic(kernels, records)
     failures = [f"{r['target']} {r['kernel']} {r['config']} ({r['launch']}): {f}"
                 for r in records for f in r["failures"]]
     if args.json:
@@ -271,7 +437,10 @@ def main(argv=None) -> int:
     else:
         print_table(records, moved)
         print("\nFAILED:\n  " + "\n  ".join(failures) if failures else "\nall kernels compiled clean")
-    return 1 if failures else 0
+    status = 1 if failures else 0
+    if args.block:  # (beside --json, on stderr: stdout stays one JSON document)
+        status = print_block(moved, sys.stderr if args.json else sys.stdout) or status
+    return status
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""What each kernel of the registry moves and computes at a shape: bytes and FLOPs.
+"""What each kernel of the registry moves and computes at a shape (bytes and FLOPs), the
+cards' ceilings, and the cost model that turns a build the compile gate read into a
+predicted time.
 
 Kept out of the kernel files: the benchmarks divide their times by these (GB/s, TFLOP/s),
-the compile gate reports each kernel's bytes against its minimum. A GEMM's DRAM bytes
+the compile gate reports each kernel's bytes against its minimum and its predicted time,
+the GPU run's plan sizes its stages with the same ceilings. A GEMM's DRAM bytes
 depend on its launch plan: under the grouped tile order a group's row-tiles of ``a`` stay
 in L2 while it sweeps the column-tiles, so ``a`` is read once and the weight once per
 group; the minimum reads each operand once.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
 import triton
 
@@ -52,3 +56,98 @@ def counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
 def _groups(rows: int, plan: Optional[object]) -> int:
     c = plan.constexprs if plan is not None else dict(BLOCK_M=128, GROUP_M=8)
     return triton.cdiv(triton.cdiv(rows, c["BLOCK_M"]), c["GROUP_M"])
+
+
+# --- the cards and the cost model ----------------------------------------------------------
+#
+# Every constant in one place, with where it comes from. "Measured" means on this
+# project's lent GPU machines (shared/TOOLCHAIN.md, the device library's KINDS.md);
+# "datasheet" is NVIDIA's; a "lead" is a reading of the compiled code or an assumption that
+# the first GPU run calibrates (it records measured / predicted per kernel).
+CARDS: Dict[str, dict] = {
+    # 132 SMs (PyTorch on the H200 machine; the H100 SXM has the same 132). SM clock 1980 MHz
+    # read under load (nvidia-smi, H200 machine). bf16 matmul 790 TFLOP/s (measured 8192^3,
+    # 769-798 over runs; cuBLAS reaches this on large GEMMs). Copy: measured device-to-device,
+    # bytes read plus written. fp32 FMA 67 and fp64 tensor cores 67 TFLOP/s: datasheet.
+    "h100": dict(sms=132, clock_ghz=1.98, matmul_tflops=790.0, copy_gbs=3000.0, fp32_tflops=67.0, fp64_tflops=67.0),
+    "h200": dict(sms=132, clock_ghz=1.98, matmul_tflops=790.0, copy_gbs=4300.0, fp32_tflops=67.0, fp64_tflops=67.0),
+}
+ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle: four schedulers (Hopper architecture)
+# One TMA load's round trip that a tile waits for, the memory system loaded by the other SMs:
+# a lead (the #22 reading put the two serial waits of a tile at 2.5-3.5 us).
+WAIT_US = 1.5
+ATTENTION_TFLOPS = 450.0  # lead: SDPA (cuDNN / FlashAttention) at head dim 128, 1297 tokens, not measured here
+
+
+def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas_per_sm: int, warps: int,
+            epilogue_instructions: int, serial_waits: int, flatten: bool, bytes_moved: int,
+            tensor_cores: bool = True) -> float:
+    """The persistent GEMM's predicted microseconds.
+
+    Per tile: the main loop at the tensor-core rate (the card's matmul rate shared by its
+    SMs), then what is not overlapped with it: the epilogue (its SASS instructions, per warp,
+    times the CTA's warps, at the SM's issue rate), the serial waits before the main loop and
+    the pipeline's fill at the tile's start (none when the tile loop is flattened). With two
+    CTAs per SM one CTA's exposed time runs under the other's main loop, down to the tensor
+    cores' own time. Tiles are dealt round-robin, so the busiest SM runs ceil(tiles / SMs) of
+    them. Never below the bytes moved at copy bandwidth."""
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    rate = (card["matmul_tflops"] if tensor_cores else card["fp32_tflops"]) * 1e6 / card["sms"]  # FLOP/us per SM
+    mma = 2.0 * block_m * block_n * k / rate
+    epilogue = epilogue_instructions * warps / ISSUE_PER_CYCLE / (card["clock_ghz"] * 1e3)
+    exposed = epilogue + (serial_waits + (0 if flatten else 1)) * WAIT_US
+    per_tile = mma + exposed if ctas_per_sm == 1 else max(mma, (mma + exposed) / ctas_per_sm)
+    return max(math.ceil(tiles / card["sms"]) * per_tile, bytes_moved / (card["copy_gbs"] * 1e3))
+
+
+def cublas_us(card: dict, m: int, n: int, k: int) -> float:
+    """A cuBLAS GEMM (the unfused alternatives' and torch.compile's): its FLOPs at the
+    measured matmul rate, which cuBLAS reaches on large GEMMs."""
+    return 2.0 * m * n * k / (card["matmul_tflops"] * 1e6)
+
+
+def memory_us(card: dict, bytes_moved: float) -> float:
+    """A memory-bound kernel: its bytes at the measured copy bandwidth."""
+    return bytes_moved / (card["copy_gbs"] * 1e3)
+
+
+def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Predicted microseconds of one block at ``s`` per op and card, for the eager
+    reference, torch.compile of it and the fast path. ``gemm_pred``: the gate's predictions
+    of the fused GEMMs at ``s`` ({"linear_gelu": {"h100": us, ...}, "linear_residual[proj]": ...,
+    "linear_residual[fc2]": ...}).
+
+    Eager: cuBLAS GEMMs, and each row op as the separate kernels upstream's modules launch:
+    RMSNorm (x.float(), pow, mean, rsqrt multiply, cast, weight multiply: 36 bytes moved per
+    bf16 element against the fused kernel's 4), QK-norm as two such norms plus the copies of
+    q and k that upstream's transpose-and-flatten makes, LayerScale and the residual add (two
+    kernels, 10 bytes per element). torch.compile: cuBLAS GEMMs with Inductor's fused row
+    kernels at their minimum bytes, which is what the unfused alternatives cost. Fast: for
+    each fused op the cheaper of the gate's prediction of it and its unfused alternative
+    (the tuned table's choice), the row kernels at their minimum. Attention (one backend for
+    all three) and the qkv GEMM (plain cuBLAS everywhere) are common."""
+    el, rows, c, h = s.el, s.rows, s.width, s.hidden
+    act = rows * c * el
+    out = {}
+    for name, card in CARDS.items():
+        att = 4.0 * rows * rows * c / (ATTENTION_TFLOPS * 1e6)  # QK^T and PV over all heads
+        qkv = cublas_us(card, rows, 3 * c, c)
+        proj, fc1, fc2 = cublas_us(card, rows, c, c), cublas_us(card, rows, h, c), cublas_us(card, rows, c, h)
+        gelu = memory_us(card, 2 * rows * h * el)
+        norm_min, res_norm_min = memory_us(card, 2 * act), memory_us(card, 4 * act)
+        qk_min = memory_us(card, 4 * act)
+        eager_norm = memory_us(card, 18 * act)  # 36 bytes per bf16 element
+        eager_res = memory_us(card, 5 * act)  # gamma * h, then x + that
+        eager = dict(norm1=eager_norm, qkv=qkv, qk_norm=2 * eager_norm + memory_us(card, 4 * act), attention=att,
+                     proj=proj,
+                     residual1=eager_res, norm2=eager_norm, fc1=fc1, gelu=gelu, fc2=fc2, residual2=eager_res)
+        compiled = dict(norm1=norm_min, qkv=qkv, qk_norm=qk_min, attention=att, proj=proj,
+                        residual1_norm2=res_norm_min, fc1=fc1, gelu=gelu, fc2=fc2, residual2_next_norm=res_norm_min)
+        # (the fast block's first norm is the previous block's last: counted once, at the end)
+        fast = dict(qkv=qkv, qk_norm=qk_min, attention=att,
+                    proj_residual_norm2=min(gemm_pred["linear_residual[proj]"][name] + norm_min, proj + res_norm_min),
+                    fc1_gelu=min(gemm_pred["linear_gelu"][name], fc1 + gelu),
+                    fc2_residual_next_norm=min(gemm_pred["linear_residual[fc2]"][name] + norm_min,
+                                               fc2 + res_norm_min))
+        out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast}
+    return out

@@ -199,20 +199,29 @@ mlp_residual_norm.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 # --- what the tools need to know (registry) ----------------------------------------------
 
 def _candidates(epilogue: str):
+    """Tuning candidates: (BLOCK_M, BLOCK_N, BLOCK_K, EPI_SPLIT, num_warps, num_stages, GROUP_M,
+    extra settings). On sm_90 besides the tile shapes: two CTAs per SM (4 warps, 3 stages,
+    under half the shared memory each, so one CTA's epilogue runs under the other's main
+    loop) and, for fc1, the pipeliner's flattened tile loop (the next tile's loads issued
+    during the epilogue). ``compile_check --candidates`` builds them all for the card."""
     def cands(arch: str):
+        two = dict(CTAS_PER_SM=2)
+        flat = dict(FLATTEN=True)
         if arch == "smoke":
-            rows = [(32, 32, 32, 2, 4, 1, 1), (16, 32, 32, 1, 4, 1, 1)]
+            rows = [(32, 32, 32, 2, 4, 1, 1, {}), (16, 32, 32, 1, 4, 1, 1, two)]
         elif arch == "sm90" and epilogue == "gelu":
-            rows = [(128, 256, 64, 2, 8, 3, 8), (128, 128, 64, 1, 8, 4, 8), (128, 128, 64, 2, 8, 4, 8),
-                    (128, 256, 64, 2, 8, 3, 16), (128, 128, 128, 2, 8, 3, 8), (64, 256, 64, 2, 4, 4, 8)]
+            rows = [(128, 256, 64, 2, 8, 3, 8, {}), (128, 128, 64, 1, 8, 4, 8, {}), (128, 128, 64, 2, 8, 4, 8, {}),
+                    (128, 256, 64, 2, 8, 3, 16, {}), (128, 128, 128, 2, 8, 3, 8, {}), (64, 256, 64, 2, 4, 4, 8, {}),
+                    (128, 128, 64, 2, 4, 3, 8, two), (128, 128, 64, 2, 8, 4, 8, flat)]
         elif arch == "sm90":
-            rows = [(128, 128, 64, 2, 8, 4, 8), (128, 128, 64, 1, 8, 4, 8),
-                    (128, 128, 128, 2, 8, 3, 8), (64, 128, 64, 1, 4, 4, 8), (128, 64, 64, 1, 4, 4, 8)]
+            rows = [(128, 128, 64, 2, 8, 4, 8, {}), (128, 128, 64, 1, 8, 4, 8, {}),
+                    (128, 128, 128, 2, 8, 3, 8, {}), (64, 128, 64, 1, 4, 4, 8, {}), (128, 64, 64, 1, 4, 4, 8, {}),
+                    (128, 128, 64, 2, 4, 3, 8, two)]  # flattened, the residual epilogue spills in the loop
         else:
-            rows = [(128, 128, 32, 2, 8, 4, 8), (128, 128, 64, 2, 8, 3, 8), (128, 64, 32, 1, 4, 4, 8),
-                    (256, 128, 32, 2, 8, 3, 8)]
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EPI_SPLIT=sp, num_warps=w, num_stages=s, GROUP_M=g)
-                for bm, bn, bk, sp, w, s, g in rows]
+            rows = [(128, 128, 32, 2, 8, 4, 8, {}), (128, 128, 64, 2, 8, 3, 8, {}), (128, 64, 32, 1, 4, 4, 8, {}),
+                    (256, 128, 32, 2, 8, 3, 8, {})]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EPI_SPLIT=sp, num_warps=w, num_stages=s, GROUP_M=g, **x)
+                for bm, bn, bk, sp, w, s, g, x in rows]
     return cands
 
 

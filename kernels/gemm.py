@@ -50,19 +50,22 @@ TABLE_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "lin
               "gelu_grad": "linear_gelu_grad"}
 
 # Launch configurations before tuning, chosen so the sm_90 build keeps its main loop free
-# of spills (python -m internvit_fast.compile_check). fc1 (N = 12800): 128x256 tiles over
-# two warpgroups, epilogue in two 128x128 halves (unsplit, the GELU epilogue spilled 80
-# bytes; split, 8 bytes, outside the main loop), 3 stages (4 stages spill). proj/fc2
-# (N = 3200 = 25 x 128): 128x128 tiles, 4 stages. sm_80: 128x128x32, 4 stages, fits the
-# A100's shared memory. fp32 runs full-precision FMA ("ieee": torch's default has no TF32)
-# with small tiles and pointer loads (through TMA the FMA loop spilled 368 bytes on sm_90).
-# The interpreter gets tiny tiles (it runs programs one by one), split epilogues and small
+# of spills (python -m internvit_fast.compile_check). sm_90, fc1 and proj/fc2: two CTAs per
+# SM, each 4 warps (one warpgroup) on 128x128x64 tiles with 3 stages (112 KB of shared
+# memory, 255 registers: two fit an SM exactly, which the gate checks), so one CTA's
+# epilogue runs under the other's main loop. The cost model (costs.gemm_us, from the
+# builds' SASS) predicts this 15% faster for fc1 and 9% for proj than one 8-warp CTA per
+# SM (128x256 for fc1, whose GELU epilogue would otherwise stall the tensor cores ~15% of
+# each tile); the tuner measures both. sm_80: 128x128x32, 4 stages, fits the A100's shared
+# memory. fp32 runs full-precision FMA ("ieee": torch's default has no TF32) with small
+# tiles and pointer loads (through TMA the FMA loop spilled 368 bytes on sm_90). The
+# interpreter gets tiny tiles (it runs programs one by one), split epilogues and small
 # groups, so the CPU tests cover them.
 CONFIGS = {
-    ("sm90", "gelu"): dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
-                           num_stages=3),
-    ("sm90", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
-                               num_stages=4),
+    ("sm90", "gelu"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=4,
+                           num_stages=3, CTAS_PER_SM=2),
+    ("sm90", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=4,
+                               num_stages=3, CTAS_PER_SM=2),
     ("sm80", "gelu"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
                            num_stages=4),
     ("sm80", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
@@ -79,8 +82,10 @@ CONFIGS = {
 for _arch in ("interpreter", "sm90", "sm80", "fp32"):  # a plain GEMM and fc1's backward: fc1's shapes
     CONFIGS[_arch, "none"] = CONFIGS[_arch, "gelu_grad"] = CONFIGS[_arch, "gelu"]
 # fc1's backward (GELU's derivative in the epilogue, its operand a second tile): at 128x256
-# the sm_90 build spilled 184 bytes after the main loop; 128x128 does not spill.
-CONFIGS["sm90", "gelu_grad"] = CONFIGS["sm90", "residual"]
+# the sm_90 build spilled 184 bytes after the main loop, two CTAs of 4 warps 96 bytes; one
+# 8-warp CTA of 128x128 does not spill.
+CONFIGS["sm90", "gelu_grad"] = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
+                                    num_stages=4)
 
 
 def linear_ref(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epilogue: str = "none",
@@ -125,15 +130,14 @@ def _vector(P, cols, N):
 
 
 @triton.jit
-def _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
-                   USE_TMA: tl.constexpr):
-    if USE_TMA:
-        return X.load([off_m, off_n]).to(tl.float32)
-    else:
-        rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, SUB_N)
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        return tl.load(X + rm[:, None].to(tl.int64) * stride_xm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+def _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+    """A (BLOCK_M, SUB_N) tile of X in its own dtype, by pointer loads. Issued before the main
+    loop, nothing waits for them until the epilogue reads them; a TMA load would first wait on
+    its barrier, a DRAM round trip before the tile's first MMA (the gate counts such waits)."""
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, SUB_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    return tl.load(X + rm[:, None].to(tl.int64) * stride_xm + rn[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -151,11 +155,11 @@ def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.c
     if EPILOGUE == EPI_GELU:
         y = gelu_value(h)
     elif EPILOGUE == EPI_GELU_GRAD:
-        y = h * gelu_grad(x)  # x: the pre-activation tile
+        y = h * gelu_grad(x.to(tl.float32))  # x: the pre-activation tile
     elif EPILOGUE == EPI_RESIDUAL:
         if HAS_GAMMA:
             h = cast(h * gamma[None, :], ty).to(tl.float32)  # LayerScale rounds its product
-        y = x + h
+        y = x.to(tl.float32) + h
     else:
         y = h
     if USE_TMA:
@@ -182,7 +186,8 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row-tiles per group (see _tile_coords)
     EPI_SPLIT: tl.constexpr,  # 1 or 2 column sub-tiles in the epilogue
-    NUM_SMS: tl.constexpr,  # the card's SMs: program p runs tiles p, p + NUM_SMS, ... (grid <= NUM_SMS)
+    PROGRAMS: tl.constexpr,  # the persistent grid (SMs x CTAS_PER_SM): program p runs tiles p, p + PROGRAMS, ...
+    FLATTEN: tl.constexpr,  # let Triton's pipeliner flatten the tile loop into the main loop (next tile's loads overlap the epilogue)
     EPILOGUE: tl.constexpr,  # EPI_NONE, EPI_GELU, EPI_RESIDUAL or EPI_GELU_GRAD (times GELU' at X)
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -194,7 +199,7 @@ def _linear_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -207,7 +212,7 @@ def _linear_kernel(
         if HAS_GAMMA:
             gamma0 = _vector(GAMMA, cols, N)
         if EPILOGUE == EPI_RESIDUAL:  # (the gelu_grad operand waits for the epilogue: it would spill here)
-            x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+            x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
         if EPI_SPLIT == 2:
             bias1, gamma1, x1 = cols, cols, cols
             if HAS_BIAS:
@@ -215,7 +220,7 @@ def _linear_kernel(
             if HAS_GAMMA:
                 gamma1 = _vector(GAMMA, cols + SUB_N, N)
             if EPILOGUE == EPI_RESIDUAL:
-                x1 = _residual_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+                x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
@@ -259,11 +264,11 @@ def _linear_kernel(
                 w_ptrs += w_step
 
         if EPILOGUE == EPI_GELU_GRAD:
-            x0 = _residual_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+            x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
         if EPI_SPLIT == 2:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
             if EPILOGUE == EPI_GELU_GRAD:
-                x1 = _residual_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N, USE_TMA)
+                x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
             _finish(acc0, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
                     HAS_BIAS, HAS_GAMMA, USE_TMA)
             _finish(acc1, x1, bias1, gamma1, Y, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
@@ -289,8 +294,9 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     """The GEMM's launch for a (M, K) @ w (N, K) (or (K, N) when ``weight_kn``) into out
     (M, N), ``x`` the residual stream or pre-activation of the epilogue. The configuration:
     ``config`` (the tuner's), else the card's tuned table, else the defaults above; TMA where
-    the card and every operand allow it; one program per SM, striding over the tiles (NUM_SMS
-    is the card's SM count, not the grid's, so every shape shares one build)."""
+    the card and every operand allow it; CTAS_PER_SM programs per SM (1 unless tuned; 2 lets
+    one CTA's epilogue run under the other's main loop), striding over the tiles. PROGRAMS is
+    fixed by the card, not the shape, so every shape shares one build."""
     m, k = a.shape
     n = w.shape[1] if weight_kn else w.shape[0]
     key = table_key(TABLE_NAME[epilogue], M=m, N=n, K=k, dtype=a.dtype)
@@ -302,12 +308,13 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     use_tma = bool(want_tma) and tma_card and all(o.tma_ok() for o in operands)
     bm, bn, bk, split = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("EPI_SPLIT")
     warps, stages, group = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("GROUP_M")
+    ctas, flatten = cfg.pop("CTAS_PER_SM", 1), cfg.pop("FLATTEN", False)
     if cfg:
         raise ValueError(f"linear: unknown launch settings {sorted(cfg)}")
     x_slot = x if x is not None else out
     if use_tma:
         tensors = dict(A=Desc(a, (bm, bk)), W=Desc(w, (bk, bn) if weight_kn else (bn, bk)),
-                       X=Desc(x_slot, (bm, bn // split)), Y=Desc(out, (bm, bn // split)))
+                       X=x_slot, Y=Desc(out, (bm, bn // split)))
     else:
         tensors = dict(A=a, W=w, X=x_slot, Y=out)
     flags = dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
@@ -315,10 +322,11 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
                 M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
                 stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EPI_SPLIT=split, NUM_SMS=target.sms,
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EPI_SPLIT=split,
+                      PROGRAMS=ctas * target.sms, FLATTEN=flatten,
                       USE_TMA=use_tma, EVEN_K=k % bk == 0,
                       DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **flags)
-    programs = min(target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    programs = min(ctas * target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
     # The residual epilogue promises rounding points: no FMA contraction there.
     options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=epilogue != "residual")
     return LaunchPlan(_linear_kernel, (programs,), args, constexprs, options, flags, key, entry is not None,

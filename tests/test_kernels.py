@@ -507,3 +507,23 @@ def test_norm_backward_rounds_where_autograd_rounds(device, dtype, gamma, norm, 
     (dx_kernel,) = torch.autograd.grad(rms_norm(xp, wp, 1e-6), [xp], dh)
     (dx_module,) = torch.autograd.grad(_rms_module(wp)(xp), [xp], dh)
     assert torch.equal(dx_kernel, dx_module), "the plain norm's input gradient"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's GPU GELU is the reference; on a "
+                    "CPU torch and the interpreter use other erf implementations (not checked here)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gelu_equals_torch_cuda_for_every_input_of_the_dtype(dtype):
+    """The GELU kernel and fc1's GELU epilogue (through an identity weight, so h is the input)
+    give F.gelu's output bit for bit for all 65,536 bit patterns of the dtype (the finite
+    ones): the epilogue rounds fc1's output to the dtype first, so this is exhaustive."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).cuda()
+    xs = torch.where(torch.isfinite(bits), bits, torch.zeros_like(bits)).contiguous()
+    want = F.gelu(xs)
+    got = gelu_launch(xs, torch.full_like(xs, float("nan")))
+    a = xs.view(256, 256)
+    fused = linear_launch(a, torch.eye(256, dtype=dtype, device="cuda"), None, torch.full_like(a, float("nan")),
+                          "gelu").view(-1)
+    for name, y in (("gelu kernel", got), ("fc1 epilogue", fused)):
+        bad = (y.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+        assert bad.numel() == 0, f"{name}: {bad.numel()} inputs differ, e.g. {xs[bad[:5]].tolist()}: " \
+                                 f"{y[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
 
 
 def test_compile_gate_passes_for_sm90_and_sm80():
-    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "80", "--json", env=NO_INTERP)
+    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "80", "--json", "--block", env=NO_INTERP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = json.loads(p.stdout)
     builds = [r for r in records if r["target"] in ("sm_90", "sm_80")]
@@ -88,6 +89,56 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     assert rounding and not any(r["options"]["enable_fp_fusion"] for r in rounding)
     moved = {r["kernel"]: r for r in records if r["target"] == "traffic"}
     assert moved["qk_norm"]["bytes_moved"] == moved["qk_norm"]["bytes_min"]  # v is not copied
+    # #22: the residual tile loads under the main loop, no wait before a tile's first wgmma
+    residual90 = [r for r in gemm90 if r["constexprs"]["EPILOGUE"] == 2]
+    assert residual90 and all(r["serial_waits_before_mma"] == 0 for r in residual90)
+    # two CTAs per SM by default on sm_90 (fc1, proj, fc2), which the gate found to fit
+    assert {r["constexprs"]["PROGRAMS"] for r in gemm90 if r["constexprs"]["EPILOGUE"] in (1, 2)} == {264}
+    # the cost model: every sm_90 GEMM build and every kernel at the main shape has a time per card
+    assert all(set(r["predicted_us"]) == {"h100", "h200"} and min(r["predicted_us"].values()) > 0
+               for r in builds if r["target"] == "sm_90" and r["function"] == "_linear_kernel")
+    assert all(set(t["predicted_us"]) == {"h100", "h200"} for t in moved.values())
+    assert moved["rms_norm"]["predicted_us"]["h200"] < moved["rms_norm"]["predicted_us"]["h100"]  # bandwidth
+    for path in ("eager", "torch.compile", "fast"):  # --block's table, on stderr beside --json
+        assert len(re.findall(rf"^{re.escape(path)} +\d+ us", p.stderr, re.M)) == 2, p.stderr  # one per card
+    assert "fast vs eager x" in p.stderr and "vs torch.compile x" in p.stderr
+
+
+def test_gate_builds_the_tuners_candidates():
+    """--candidates builds what the tuner would launch with each candidate, as the launcher
+    plans it from a table holding it: two CTAs per SM and the flattened tile loop among them."""
+    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "--candidates", "--json", "--kernels",
+            "linear_gelu", "linear_residual[proj]", env=NO_INTERP)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    records = [r for r in json.loads(p.stdout) if r["target"] == "sm_90"]
+    from internvit_fast.kernels import REGISTRY
+    specs = {s.id: s for s in REGISTRY}
+    for kernel in ("linear_gelu", "linear_residual[proj]"):
+        got = [r for r in records if r["kernel"] == kernel]
+        assert len(got) == len(specs[kernel].candidates("sm90")) and all(r["candidate"] for r in got)
+        assert {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["options"]["num_warps"])
+                for r in got} == {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in specs[kernel].candidates("sm90")}
+        assert any(r["constexprs"]["PROGRAMS"] == 264 for r in got)
+        assert all(r["main_loop_spills"] == 0 for r in got)
+    flat = [r for r in records if r["constexprs"]["FLATTEN"]]
+    assert flat and all(r["predicted_us"] is None for r in flat)  # the model cannot place its epilogue
+    assert all(r["predicted_us"] for r in records if not r["constexprs"]["FLATTEN"])
+
+
+def test_cost_model_moves_the_way_the_builds_say():
+    from internvit_fast import costs
+    card = costs.CARDS["h100"]
+    base = dict(m=5188, n=3200, k=3200, block_m=128, block_n=128, ctas_per_sm=1, warps=8, epilogue_instructions=300,
+                serial_waits=0, flatten=False, bytes_moved=0)
+    t = costs.gemm_us(card, **base)
+    tiles_per_sm = -(-41 * 25 // 132)
+    mma = 2 * 128 * 128 * 3200 / (790e6 / 132)
+    epi = 300 * 8 / 4 / 1980
+    assert t == pytest.approx(tiles_per_sm * (mma + epi + costs.WAIT_US))
+    assert costs.gemm_us(card, **dict(base, serial_waits=2)) == pytest.approx(t + 2 * tiles_per_sm * costs.WAIT_US)
+    assert costs.gemm_us(card, **dict(base, ctas_per_sm=2)) == pytest.approx(tiles_per_sm * mma)  # hidden
+    assert costs.gemm_us(card, **dict(base, bytes_moved=10 ** 10)) == pytest.approx(10 ** 10 / 3.0e6)  # memory floor, us
+    assert costs.memory_us(costs.CARDS["h200"], 4.3e9) == pytest.approx(1000.0)
 
 
 def test_gate_builds_every_variant_the_fast_path_launches():
@@ -154,6 +205,14 @@ GATE_SCRIPT = """if True:
         gemm.plan_linear = contracted
     if want == "late-load":
         cc.loads_after_first_store = lambda sass: 2
+    if want == "crowded":  # two CTAs of 8 warps each cannot both hold 255 registers a thread
+        from internvit_fast.kernels import gemm
+        gemm.CONFIGS["sm90", "residual"] = dict(gemm.CONFIGS["sm90", "residual"], num_warps=8)
+    if want == "serial-residual":
+        sys.path.insert(0, "tests")
+        from gate_mutations import tma_operand_tile
+        from internvit_fast.kernels import gemm
+        gemm._operand_tile = tma_operand_tile
     sys.exit(cc.main(["--arch", "90"]))
 """
 
@@ -165,6 +224,8 @@ GATE_SCRIPT = """if True:
     ("fma", "contracted fma in a kernel that promises"),
     ("fma", "built with FMA contraction on"),
     ("late-load", "2 global loads issued after the first store"),
+    ("serial-residual", "TMA waits before the main loop: the residual epilogue's loads are not overlapped"),
+    ("crowded", "2 CTAs per SM planned, but"),
 ])
 def test_compile_gate_fails_on_each_defect(mutation, message):
     p = run("-c", GATE_SCRIPT, mutation, env=NO_INTERP)
@@ -219,6 +280,11 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert {r["path"] for r in res["training"]} == {"reference", "fast"}
     md = open(stem + ".md").read()
     assert "Whole-image slide inference" in md and "| backbone-b4 | done |" in md
+    # measured / predicted beside each batch-4 kernel (predictions need sm_90 builds: a GPU run's)
+    from benchmarks.gpu_run import markdown
+    res.update(card="NVIDIA H200", predicted_us={"linear_gelu": {"h100": 800.0, "h200": 1000.0}},
+               kernels=[dict(group="linear_gelu b4", impl="fused", ms=1.2, kernel="linear_gelu", batch=4)])
+    assert "| linear_gelu b4 | fused | 1.2000 | - | - | - | - | 1.0000 | 1.20 |" in markdown(res)
     assert open(stem + ".png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     p = run("-m", "benchmarks.plot", path, "-o", str(tmp_path / "chart.png"))
     assert p.returncode == 0, p.stderr
