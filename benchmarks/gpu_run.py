@@ -92,9 +92,11 @@ def summarize(records: List[dict]) -> dict:
     for row in out["slide"]:
         if row.get("ms"):
             row["images_per_s"] = 1e3 / row["ms"]
-        alone = next((o for o in out["slide"] if o["group"] == row["group"] and o["path"] == row["path"] + "-backbone-only"), None)
-        if alone and alone.get("ms") and row.get("ms"):
-            row["backbone_share"] = min(1.0, alone["ms"] / row["ms"])
+        for part in ("backbone", "head"):
+            alone = next((o for o in out["slide"] if o["group"] == row["group"]
+                          and o["path"] == f"{row['path']}-{part}-only"), None)
+            if alone and alone.get("ms") and row.get("ms"):
+                row[f"{part}_share"] = min(1.0, alone["ms"] / row["ms"])
     out["checks"] = [dict(r["info"], test=r["test"]) for r in records if r.get("kind") == "check"]
     out["ceilings"] = ceilings
     out["not_measured"] = sorted({f"{r['test']}: {r.get('reason', '')}" for r in records
@@ -147,9 +149,11 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res["slide"]:
         lines += ["## Whole-image slide inference (crop 504, stride 322, bf16)", "",
-                  "| image | windows | path | ms/image | images/s | backbone share |", "|---|---|---|---|---|---|"]
+                  "| image | windows | path | ms/image | images/s | backbone share | head share |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['size'][0]}x{r['size'][1]} | {r['windows']} | {r['path']} | {_f(r['ms'])} | "
-                  f"{_f(r.get('images_per_s'), '.2f')} | {_f(r.get('backbone_share'), '.0%')} |" for r in res["slide"]]
+                  f"{_f(r.get('images_per_s'), '.2f')} | {_f(r.get('backbone_share'), '.0%')} | "
+                  f"{_f(r.get('head_share'), '.0%')} |" for r in res["slide"]]
         lines.append("")
     if res["training"]:
         lines += ["## Training step (forward + backward, with_cp)", "",

@@ -72,6 +72,10 @@ def selections(smoke: bool) -> Dict[str, List[str]]:
                                                             "linear_residual[fc2]") for impl in ("fused", "unfused")]
         + rows,
         "tuned": [f"{backbone}[{cfg}-{b4}-fast]"],
+        # smoke: the paths that give the shares (the interpreter makes each fast path ~15 s)
+        "segmentation": [f"benchmarks/bench_segmentation.py::test_slide_inference[56x84-{p}]" for p in
+                         ("sequential-reference", "batched-fast", "batched-fast-backbone-only",
+                          "batched-fast-head-only")] if smoke else ["benchmarks/bench_segmentation.py"],
     }
 
 
@@ -107,9 +111,12 @@ def _profile(card):
 
 def _segmentation(card):
     # 512x683: 4 windows; 1024x2048: 18; 512x512: 1. Each path: a warm call + ~5 rounds.
+    # UPerHead (1536 channels on four 3200-channel levels) adds ~30% to a window's FLOPs.
+    from internvit_fast.segmentor import head_flops
     windows = 4 + 18 + 1
-    per_path = 6 * windows * forward_s(card, "upernet", 1) * 1.3  # batch-1 windows run below the batch-4 rate
-    return 5 * per_path + 2 * 3 * 1.0  # + graph captures
+    head = head_flops("upernet") / flops_per_image(PRESETS["upernet"])
+    per_path = 6 * windows * forward_s(card, "upernet", 1) * (1 + head) * 1.3  # batch-1 windows: below the batch-4 rate
+    return 6 * per_path + 2 * 3 * 1.0  # six paths (the backbone alone, the head alone), + graph captures
 
 
 def _training(card):
@@ -139,7 +146,7 @@ def stages(tune: bool = True, skip_tests: bool = False, smoke: bool = False) -> 
         Stage("profile", "top kernels of one reference and one fast forward", _profile,
               ["benchmarks/bench_backbone.py::test_profile"]),
         Stage("segmentation", "whole-image slide inference (512x683, 512x512, 1024x2048)", _segmentation,
-              ["benchmarks/bench_segmentation.py"]),
+              sel["segmentation"]),
         Stage("training", "one training step, reference and fast (with_cp, batch 2)", _training,
               ["benchmarks/bench_backbone.py::test_training_step[reference]",
                "benchmarks/bench_backbone.py::test_training_step[fast]"]),

@@ -8,6 +8,8 @@ path through Triton's interpreter (switched on here; interpreter times are not a
 figure). ``--checkpoint`` loads weights, ``--image`` runs a real image (resized and
 centre-cropped to the model's size, normalised with the ImageNet mean and std as the
 upstream pipeline does), ``--json`` prints the result as JSON.
+
+``python -m internvit_fast segment ...`` segments images instead (internvit_fast/segment.py).
 """
 from __future__ import annotations
 
@@ -110,14 +112,17 @@ def timed(model, img, repeats):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["segment"]:  # python -m internvit_fast segment ...: masks for images
+        from .segment import main as segment
+        return segment(argv[1:])
     args = parse(argv)
     device, cfg = args.device, dict(PRESETS[args.config])
     wants_fast = args.paths in ("both", "fast")
     if wants_fast and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         # The kernels read TRITON_INTERPRET when they are imported: start again with it on.
         env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "internvit_fast", *(sys.argv[1:] if argv is None else argv)],
-                  env)
+        os.execve(sys.executable, [sys.executable, "-m", "internvit_fast", *argv], env)
 
     from . import InternViT6B
     from .presets import flops_per_image

@@ -36,7 +36,7 @@ import logging
 import os
 import re
 import stat
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -335,8 +335,12 @@ def _numel(shape) -> int:
     return n
 
 
-def _check_tensor(k: str, v: Entry) -> None:
-    """Raise for anything the copy could not take: checked for every tensor before the first copy."""
+_COUNTS = (torch.int64, torch.int32)  # integer buffers: BatchNorm's num_batches_tracked (a Segmentor's heads)
+
+
+def _check_tensor(k: str, v: Entry, into: Optional[torch.dtype] = None) -> None:
+    """Raise for anything the copy could not take: checked for every tensor before the first
+    copy. ``into``: the model's dtype there; an integer tensor loads only into an integer one."""
     if isinstance(v, LazyTensor):
         dtype = v.dtype
     else:
@@ -355,8 +359,9 @@ def _check_tensor(k: str, v: Entry) -> None:
         if v.device.type != "cpu":
             raise CheckpointError(f"{k}: is on {v.device}, expected the CPU")
         dtype = v.dtype
-    if dtype not in _FLOATS:
-        raise CheckpointError(f"{k}: has dtype {dtype}; only floating-point tensors load")
+    if dtype not in _FLOATS and not (dtype in _COUNTS and into in _COUNTS):
+        raise CheckpointError(f"{k}: has dtype {dtype}; only floating-point tensors load"
+                              + (" (and integer counters into integer buffers)" if dtype in _COUNTS else ""))
 
 
 def adapt_state_dict(sd: Dict[str, Entry], model: nn.Module) -> Dict[str, Entry]:
@@ -368,30 +373,41 @@ def adapt_state_dict(sd: Dict[str, Entry], model: nn.Module) -> Dict[str, Entry]
         if k not in own:
             out[k] = v
             continue
-        _check_tensor(k, v)
+        _check_tensor(k, v, own[k].dtype)
         if v.shape != own[k].shape:
-            if k not in _RESIZERS:
+            resize = _RESIZERS.get(k[len("backbone."):] if k.startswith("backbone.") else k)  # a Segmentor's
+            if resize is None:
                 raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} does not match the model's "
                                       f"{tuple(own[k].shape)}")
             if _numel(v.shape) > MAX_RESIZE_RATIO * _numel(own[k].shape):
                 raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} is more than {MAX_RESIZE_RATIO}x the "
                                       f"model's {tuple(own[k].shape)}; not resized")
             logger.info("checkpoint: resizing %s from %s to %s", k, tuple(v.shape), tuple(own[k].shape))
-            v = _RESIZERS[k](materialize(v), own[k].shape)
+            v = resize(materialize(v), own[k].shape)
         out[k] = v
     return out
 
 
 # --- loading --------------------------------------------------------------------------------
 
-def load_checkpoint(model: nn.Module, path, strict: bool = True) -> Tuple[List[str], List[str]]:
-    """Load a checkpoint file (any accepted format) into an InternViT6B, in place.
+def _some(keys: List[str], most: int = 6) -> str:
+    """A key list for a message: whole when short, else its first few and the count (a
+    message of thousands of keys would hide the other list)."""
+    return str(keys) if len(keys) <= most else f"{str(keys[:most])[:-1]}, ... ({len(keys)} in all)]"
+
+
+def load_checkpoint(model: nn.Module, path, strict: bool = True,
+                    may_miss: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
+    """Load a checkpoint file (any accepted format) into an InternViT6B, in place; or into a
+    ``Segmentor`` (segmentor.py), whose keys are mmseg's: backbone.*, decode_head.*, auxiliary_head.*.
 
     Returns (missing, unexpected) keys. With strict=True either list non-empty raises
     before any parameter is touched; with strict=False they are logged. Keys of blocks
     the model does not have (a deeper checkpoint) count as unexpected. A checkpoint with
     no FPN keys at all (a pretrained ViT) may leave the FPN out even when strict: it keeps
-    its initialisation (logged; its keys are in the returned ``missing``).
+    its initialisation (logged; its keys are in the returned ``missing``). So may any
+    ``may_miss`` prefix of the model whose keys the file has none of (a Segmentor's
+    auxiliary head, which inference never runs).
     """
     where = os.fspath(path)
     own = model.state_dict(keep_vars=True)
@@ -412,9 +428,12 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> Tuple[List[s
         # loading and loads with strict=False). It keeps its initialisation; the rest stays strict.
         logger.info("%s: a ViT checkpoint without the FPN: up1..up4 keep their initialisation", where)
         refused = [k for k in missing if not k.startswith(FPN_PREFIXES)]
+    for prefix in may_miss:
+        if not any(k.startswith(prefix) for k in sd):
+            refused = [k for k in refused if not k.startswith(prefix)]
     if strict and (refused or unexpected):
         raise CheckpointError(f"{where}: does not match the model (nothing was loaded): "
-                              f"missing keys {refused}, unexpected keys {unexpected}")
+                              f"missing keys {_some(refused)}, unexpected keys {_some(unexpected)}")
     if refused:
         logger.warning("%s: missing keys (left as initialised): %s", where, refused)
     if unexpected:

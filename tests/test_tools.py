@@ -277,6 +277,7 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert {("linear_gelu b1", "fused"), ("linear_gelu b1", "unfused"), ("rms_norm b1", "triton")} <= kernels
     assert {r["path"] for r in res["slide"]} >= {"sequential-reference", "batched-fast", "batched-fast-backbone-only"}
     assert any(0 < r.get("backbone_share", 0) <= 1 for r in res["slide"])
+    assert any(0 < r.get("head_share", 0) <= 1 for r in res["slide"])  # the native UPerHead's share
     assert {r["path"] for r in res["training"]} == {"reference", "fast"}
     md = open(stem + ".md").read()
     assert "Whole-image slide inference" in md and "| backbone-b4 | done |" in md
