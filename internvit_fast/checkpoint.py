@@ -396,8 +396,8 @@ def _some(keys: List[str], most: int = 6) -> str:
     return str(keys) if len(keys) <= most else f"{str(keys[:most])[:-1]}, ... ({len(keys)} in all)]"
 
 
-def load_checkpoint(model: nn.Module, path, strict: bool = True,
-                    may_miss: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
+def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Sequence[str] = (),
+                    renames: Optional[Mapping[str, str]] = None) -> Tuple[List[str], List[str]]:
     """Load a checkpoint file (any accepted format) into an InternViT6B, in place; or into a
     ``Segmentor`` (segmentor.py), whose keys are mmseg's: backbone.*, decode_head.*, auxiliary_head.*.
 
@@ -407,12 +407,17 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True,
     no FPN keys at all (a pretrained ViT) may leave the FPN out even when strict: it keeps
     its initialisation (logged; its keys are in the returned ``missing``). So may any
     ``may_miss`` prefix of the model whose keys the file has none of (a Segmentor's
-    auxiliary head, which inference never runs).
+    auxiliary head, which inference never runs). ``renames``: key prefixes of the file to
+    read under another prefix, each applied only when the model has no key under the old
+    one and some under the new (another codebase's name for the same module).
     """
     where = os.fspath(path)
     own = model.state_dict(keep_vars=True)
     try:
         sd, _ = to_upstream_keys(read_state_dict(where), own, {k: v.shape for k, v in own.items()})
+        for old, new in (renames or {}).items():
+            if not any(k.startswith(old) for k in own) and any(k.startswith(new) for k in own):
+                sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
         sd = adapt_state_dict(sd, model)
     except CheckpointError as e:
         if str(e).startswith(where):

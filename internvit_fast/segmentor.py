@@ -140,8 +140,10 @@ class Segmentor(nn.Module):
         auxiliary_head.*) through the package's safe loader; see checkpoint.load_checkpoint."""
         from .checkpoint import load_checkpoint
         # A file without the auxiliary head (saved for inference, or of a recipe without one)
-        # loads: inference never runs it.
-        out = load_checkpoint(self, path, strict=strict, may_miss=("auxiliary_head.",))
+        # loads: inference never runs it. Upstream's linear probe is its own FCNHead with
+        # num_convs=0 and with_norm, which names BNHead's norm `norm`.
+        out = load_checkpoint(self, path, strict=strict, may_miss=("auxiliary_head.",),
+                              renames={"decode_head.norm.": "decode_head.bn."})
         self.set_head_dtype(self.head_dtype)  # loading copies into the existing tensors; keep the layout
         return out
 

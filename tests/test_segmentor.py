@@ -209,3 +209,18 @@ def test_predict_labels_without_full_size_logits_equal_the_argmax():
     want = seg._to_size(logits, (31, 45)).argmax(0)
     assert torch.equal(seg._labels(logits, (31, 45)), want)
     assert torch.equal(seg._labels(logits, (31, 45), classes_at_once=150), want)
+
+
+def test_upstreams_linear_probe_names_its_norm_norm(tmp_path):
+    """Upstream's linear-probe checkpoints (its FCNHead with num_convs=0 and with_norm) keep
+    BNHead's BatchNorm under decode_head.norm.*: they load into BNHead's bn."""
+    from internvit_fast.heads import BNHead
+    from internvit_fast.model import InternViT6B
+    small = dict(SMALL, out_indices=[3], with_fpn=False)
+    seg = Segmentor(InternViT6B(**small, dtype=torch.float32), BNHead(96, 96, 150), crop_size=(56, 56),
+                    stride=(42, 42), head_dtype=torch.float32, channels_last=False).eval()
+    sd = {k.replace("decode_head.bn.", "decode_head.norm."): v.clone() for k, v in seg.state_dict().items()}
+    sd["decode_head.norm.running_var"] = torch.rand(96) + 0.5
+    torch.save({"state_dict": sd}, tmp_path / "linear.pth")
+    seg.load_checkpoint(tmp_path / "linear.pth")
+    assert torch.equal(seg.decode_head.bn.running_var, sd["decode_head.norm.running_var"])
