@@ -23,8 +23,7 @@ import torch
 
 from . import parity
 from .presets import PRESETS
-
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # upstream's data_preprocessor (RGB)
+from .segmentor import MEAN, STD  # upstream's data_preprocessor (RGB)
 
 
 def parse(argv=None):

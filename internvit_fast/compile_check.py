@@ -338,8 +338,9 @@ def traffic(kernels=REGISTRY, records=()) -> List[dict]:
             found = [r for r in records if r["target"] == "sm_90" and r["kernel"] == kernel.id
                      and r["constexprs"] == plan.constexprs and r["options"] == plan.options
                      and r.get("epilogue_instructions") is not None]  # the binary this plan launches
-            if found and predicted_gemm_us(plan, found[0]):
-                row["predicted_us"] = predicted_gemm_us(plan, found[0])
+            pred = predicted_gemm_us(plan, found[0]) if found else None
+            if pred:
+                row["predicted_us"] = pred
         out.append(row)
     return out
 
