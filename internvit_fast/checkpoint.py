@@ -50,7 +50,7 @@ logger = logging.getLogger("internvit_fast")
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FPN_PREFIXES = ("up1.", "up2.", "up3.", "up4.")  # the segmentation FPN: in no pretrained ViT file
@@ -359,6 +359,11 @@ def _check_tensor(k: str, v: Entry, into: Optional[torch.dtype] = None) -> None:
         if v.device.type != "cpu":
             raise CheckpointError(f"{k}: is on {v.device}, expected the CPU")
         dtype = v.dtype
+    if dtype == torch.float8_e4m3fn:
+        if into != torch.float8_e4m3fn:
+            raise CheckpointError(f"{k}: is an FP8 (e4m3) weight; it loads only into a model built with "
+                                  "precision='fp8'")
+        return
     if dtype not in _FLOATS and not (dtype in _COUNTS and into in _COUNTS):
         raise CheckpointError(f"{k}: has dtype {dtype}; only floating-point tensors load"
                               + (" (and integer counters into integer buffers)" if dtype in _COUNTS else ""))
@@ -419,6 +424,12 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Seque
             if not any(k.startswith(old) for k in own) and any(k.startswith(new) for k in own):
                 sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
         sd = adapt_state_dict(sd, model)
+        if any(t.dtype == torch.float8_e4m3fn for t in own.values()):  # precision="fp8": quantized as copied
+            from .fp8 import expand_checkpoint
+            try:
+                sd = expand_checkpoint(sd, own, lambda shape, dtype, read: LazyTensor(shape, dtype, read, where))
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
     except CheckpointError as e:
         if str(e).startswith(where):
             raise

@@ -43,7 +43,7 @@ from . import costs
 from .kernels import REGISTRY
 from .kernels._common import INTERPRETING
 from .kernels.gemm import EPILOGUES
-from .kernels.launch import LaunchPlan, Target
+from .kernels.launch import LaunchPlan, Meta, Target
 from .kernels.registry import KernelSpec, main_shape
 from .kernels.tuning import table
 
@@ -108,11 +108,11 @@ def _loops(insts: List[str], labels: Dict[str, int], predicated: bool = False) -
 
 
 def _main_loop(insts: List[str], labels: Dict[str, int]):
-    """(first, last) of the innermost loop around the MMA instructions (HGMMA, else HMMA, else
-    FFMA), or None."""
+    """(first, last) of the innermost loop around the MMA instructions (HGMMA, QGMMA: the FP8
+    wgmma, else HMMA, else FFMA), or None."""
     loops = _loops(insts, labels)
     ops = [_opcode(x) for x in insts]
-    for marker in ("HGMMA", "HMMA", "FFMA"):
+    for marker in ("HGMMA", "QGMMA", "HMMA", "FFMA"):
         at = [i for i, op in enumerate(ops) if op == marker]
         inside = [(e - s, s, e) for s, e in loops if any(s <= j <= e for j in at)]
         if inside:
@@ -231,6 +231,9 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
     rec.update(registers=use["REG"], spills=use.get("STACK", 0) + use.get("LOCAL", 0),
                shared_bytes=ck.metadata.shared, wgmma="wgmma.mma_async" in ptx,
                tma="cp.async.bulk.tensor" in ptx,
+               # e4m3 conversions that round to nearest even (what the interpreter tests assume)
+               fp8_cvt_rn=len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
+               fp8_cvt_other=len(re.findall(r"cvt\.(?!rn\.satfinite\.e4m3x2\.f32)[\w.]*e4m3x2\.f32", ptx)),
                fma_contracted=kernel.promises_rounding and contracted_fmas(ptx, ck.asm["llir"]) > 0)
     fail = rec["failures"]
     if is_gemm(plan):
@@ -249,6 +252,8 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
         low_precision = plan.constexprs.get("DOT_PRECISION") != "ieee"  # fp32 runs FMA by design
         if arch >= 90 and low_precision and not rec["wgmma"]:
             fail.append("sm_90 GEMM does not use wgmma")
+        if arch >= 90 and plan.flags.get("SCALED") and not re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx):
+            fail.append("sm_90 FP8 GEMM does not use the e4m3 wgmma")
         ctas = plan.constexprs.get("PROGRAMS", 0) // TARGETS[arch][1]
         if ctas > 1 and not fits(rec["registers"], plan.options["num_warps"], rec["shared_bytes"], ctas, arch):
             fail.append(f"{ctas} CTAs per SM planned, but {rec['registers']} registers x "
@@ -258,6 +263,10 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
             fail.append("built for TMA but the PTX has no cp.async.bulk.tensor")
     elif rec["spills"]:
         fail.append(f"row kernel spills ({rec['spills']} bytes)")
+    writes_fp8 = plan.flags.get("QUANT_OUT") or any(getattr(v, "dtype", None) == torch.float8_e4m3fn
+                                                   for k, v in plan.args.items() if k in ("Q", "Y"))
+    if writes_fp8 and (rec["fp8_cvt_other"] or not rec["fp8_cvt_rn"]):
+        fail.append("an e4m3 output not converted by cvt.rn.satfinite (round to nearest even) alone")
     if kernel.promises_rounding and plan.options.get("enable_fp_fusion", True):
         fail.append("a kernel that promises upstream's rounding points is built with FMA contraction on")
     if rec["fma_contracted"]:
@@ -297,16 +306,18 @@ def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]
     its shape and launch and what its sm_90 build record read off the SASS."""
     c, a = plan.constexprs, plan.args
     m, n, k = a["M"], a["N"], a["K"]
-    el = 4 if plan.dtype == torch.float32 else 2
+    el = plan.dtype.itemsize  # a and w (e4m3 for an FP8 GEMM)
+    out_el = plan.args["X"].element_size if isinstance(plan.args["X"], Meta) else el  # y (+ x)
     groups = triton.cdiv(triton.cdiv(m, c["BLOCK_M"]), c["GROUP_M"])
     epi = c.get("EPILOGUE")
-    moved = (m * k + groups * n * k + m * n * (2 if epi in (2, 3) else 1)) * el  # a, w per group, y (+ x)
+    moved = (m * k + groups * n * k) * el + m * n * (2 if epi in (2, 3) else 1) * out_el  # a, w per group, y (+ x)
     if c.get("FLATTEN"):  # the epilogue sits inside the flattened main loop: the model cannot place it
         return None
     return {name: round(costs.gemm_us(card, m, n, k, c["BLOCK_M"], c["BLOCK_N"], c["PROGRAMS"] // card["sms"],
                                       plan.options["num_warps"], rec["epilogue_instructions"],
                                       rec.get("serial_waits_before_mma") or 0, bool(c.get("FLATTEN")), moved,
-                                      tensor_cores=c.get("DOT_PRECISION") != "ieee"), 1)
+                                      tensor_cores=c.get("DOT_PRECISION") != "ieee",
+                                      fp8=bool(c.get("SCALED"))), 1)
             for name, card in costs.CARDS.items()}
 
 

@@ -45,12 +45,30 @@ def counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
     if spec_id == "rms_norm_backward":  # reads x_new, y, dx_new, dh; writes dx, dy
         b = 6 * rows * width * el
         return b, b, 0
+    if spec_id == "quantize_fp8":  # reads a row, writes its e4m3 bytes and a scale per 128
+        b = rows * width * (el + 1) + rows * -(-width // 128) * 4
+        return b, b, 0
+    if spec_id.startswith("fp8_"):
+        return _fp8_counts(spec_id, s, plan)
     n, k = _gemm_dims(spec_id, s)
     out = rows * n * (2 if spec_id.startswith("linear_residual") else 1)  # residual: read x, write x_new
     extra = rows * n if spec_id == "linear_gelu_grad" else 0  # the pre-activation it reads
     least = (rows * k + n * k + out + extra + 2 * n) * el
     groups = _groups(rows, plan)
     return least + (groups - 1) * n * k * el, least, 2 * rows * n * k
+
+
+def _fp8_counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
+    """An FP8 GEMM: e4m3 operands (and their scales, one fp32 per 128), the output in the
+    activation dtype (fc1's in e4m3 with scales), the residual read and written."""
+    rows, el = s.rows, s.el
+    n, k = {"fp8_linear": (3 * s.width, s.width), "fp8_linear_gelu": (s.hidden, s.width),
+            "fp8_linear_residual[proj]": (s.width, s.width)}.get(spec_id, (s.width, s.hidden))
+    out = rows * n * (1 + 4 / 128) if spec_id == "fp8_linear_gelu" else rows * n * el
+    if spec_id.startswith("fp8_linear_residual"):
+        out *= 2
+    least = int(rows * k * (1 + 4 / 128) + n * k * (1 + 4 / 128 ** 2) + out + 2 * n * el)
+    return least + (_groups(rows, plan) - 1) * n * k, least, 2 * rows * n * k
 
 
 def _groups(rows: int, plan: Optional[object]) -> int:
@@ -72,6 +90,9 @@ CARDS: Dict[str, dict] = {
     "h100": dict(sms=132, clock_ghz=1.98, matmul_tflops=790.0, copy_gbs=3000.0, fp32_tflops=67.0, fp64_tflops=67.0),
     "h200": dict(sms=132, clock_ghz=1.98, matmul_tflops=790.0, copy_gbs=4300.0, fp32_tflops=67.0, fp64_tflops=67.0),
 }
+# FP8 (e4m3) tensor cores run twice bf16's dense rate (datasheet: H100 SXM 1979 vs 989
+# TFLOP/s); the measured bf16 rate doubled is a lead until FP8 GEMMs are measured here.
+FP8_SPEEDUP = 2.0
 ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle: four schedulers (Hopper architecture)
 # One TMA load's round trip that a tile waits for, the memory system loaded by the other SMs:
 # a lead (the #22 reading put the two serial waits of a tile at 2.5-3.5 us).
@@ -81,7 +102,7 @@ ATTENTION_TFLOPS = 450.0  # lead: SDPA (cuDNN / FlashAttention) at head dim 128,
 
 def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas_per_sm: int, warps: int,
             epilogue_instructions: int, serial_waits: int, flatten: bool, bytes_moved: int,
-            tensor_cores: bool = True) -> float:
+            tensor_cores: bool = True, fp8: bool = False) -> float:
     """The persistent GEMM's predicted microseconds.
 
     Per tile: the main loop at the tensor-core rate (the card's matmul rate shared by its
@@ -93,6 +114,8 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas
     them. Never below the bytes moved at copy bandwidth."""
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     rate = (card["matmul_tflops"] if tensor_cores else card["fp32_tflops"]) * 1e6 / card["sms"]  # FLOP/us per SM
+    if fp8:
+        rate *= FP8_SPEEDUP
     mma = 2.0 * block_m * block_n * k / rate
     epilogue = epilogue_instructions * warps / ISSUE_PER_CYCLE / (card["clock_ghz"] * 1e3)
     exposed = epilogue + (serial_waits + (0 if flatten else 1)) * WAIT_US

@@ -78,6 +78,9 @@ def forward_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, out_indices: Se
     stream alone, as the reference's blocks do: there each block computes its own norm1, so
     only the stream is kept between blocks.
     """
+    from .fp8 import check_card, is_fp8
+    if is_fp8(blocks[0]):
+        check_card(x.device)
     feats = []
     checkpointed = blocks[0].with_cp and torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in blocks[0].parameters()))

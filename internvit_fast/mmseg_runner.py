@@ -485,6 +485,8 @@ def main(argv=None) -> int:
         p.add_argument("config")
         if name == "test":
             p.add_argument("checkpoint", help="a segmentor checkpoint: a runner's .pth or a sharded iter_N/ folder")
+            p.add_argument("--precision", choices=["bf16", "fp8"],
+                           help="the backbone's precision (fp8: FP8 GEMMs, inference only; default: the config's)")
         else:
             p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                            help="continue a run: from the newest checkpoint in the work dir (no PATH), or from "
@@ -502,6 +504,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = Config.fromfile(_exists(ap, "config", args.config))
     cfg.merge_from_dict(args.cfg_options)
+    if getattr(args, "precision", None):
+        cfg.model.backbone.precision = args.precision
     if args.crop_size is not None:
         try:
             set_crop_size(cfg, args.crop_size)

@@ -14,13 +14,13 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from . import attention, graphs
+from . import attention, fp8, graphs
 from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
 from .kernels import attention_residual, mlp_residual, qk_norm, rms_norm
+from .kernels.block_ops import linear
 
 logger = logging.getLogger("internvit_fast")
 
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         """forward() up to proj, through the QK-norm kernel: q and k are written once in
         attention's layout, v is read in place from the projection (a strided view)."""
         C = h.shape[-1]
-        qkv = F.linear(h, self.qkv.weight, self.qkv.bias)  # cuBLAS
+        qkv = linear(h, self.qkv)  # cuBLAS (or the FP8 GEMM)
         if self.qk_normalization:
             q, k = qk_norm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps).unbind(0)
         else:
@@ -287,6 +287,7 @@ def _check_arguments(a: dict) -> None:
     else:
         need(isinstance(flash, bool), "use_flash_attn", "must be True, False or a list of one bool per block")
     need(a["dtype"] in _DTYPES, "dtype", f"not supported; expected one of {_DTYPES}")
+    need(a["precision"] in fp8.PRECISIONS, "precision", f"must be one of {fp8.PRECISIONS}")
     need(a["pretrained"] is None or isinstance(a["pretrained"], (str, os.PathLike)), "pretrained",
          "must be a checkpoint path or None")
     need(isinstance(a["cuda_graphs"], bool) or (_is_int(a["cuda_graphs"]) and a["cuda_graphs"] >= 0),
@@ -300,7 +301,9 @@ class InternViT6B(nn.Module):
     (same modules, same state_dict); ``dtype`` is the parameter dtype (upstream
     casts the whole module to bf16); ``cuda_graphs`` replays inference forwards from
     CUDA graphs, one per input shape (True: the last 2 shapes; an int N: the last N;
-    see graphs.py).
+    see graphs.py); ``precision`` "bf16" (the model's dtype, the default) or "fp8": the
+    blocks' linear layers with e4m3 weights and activations, for inference (see fp8.py; also
+    settable on a loaded model: ``model.precision = "fp8"``).
     """
 
     def __init__(self, in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False,
@@ -308,7 +311,7 @@ class InternViT6B(nn.Module):
                  qk_normalization=True, depth=48, use_flash_attn=True, with_cp=True,
                  layerscale_force_fp32=False, out_indices=(7, 11, 15, 23), freeze_vit=False,
                  with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
-                 dtype=torch.bfloat16, cuda_graphs=False):
+                 dtype=torch.bfloat16, cuda_graphs=False, precision="bf16"):
         super().__init__()
         if isinstance(dtype, str):  # configs (mmseg) name it: 'bfloat16', 'float16', 'float32'
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, dtype)
@@ -338,8 +341,12 @@ class InternViT6B(nn.Module):
 
         def built(module: nn.Module) -> nn.Module:
             # Initialise in fp32, then cast block by block: a 6B model never exists in
-            # fp32 all at once (24 GB), only in the target dtype plus one block.
-            return module.apply(self._init_weights).to(dtype)
+            # fp32 all at once (24 GB), only in the target dtype plus one block (and an FP8
+            # model never in bf16).
+            module = module.apply(self._init_weights).to(dtype)
+            if precision == "fp8":
+                fp8.convert_block(module)
+            return module
 
         self.blocks = nn.ModuleList([
             built(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
@@ -381,6 +388,21 @@ class InternViT6B(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.cls_token.dtype
+
+    @property
+    def precision(self) -> str:
+        return "fp8" if fp8.is_fp8(self.blocks[0]) else "bf16"
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in fp8.PRECISIONS:
+            raise ValueError(f"precision={value!r}: must be one of {fp8.PRECISIONS}")
+        if value == "bf16" and self.precision == "fp8":
+            raise ValueError("precision='bf16' on an FP8 model: the full-precision weights are gone; "
+                             "build the model again and load the checkpoint")
+        if value == "fp8":
+            for blk in self.blocks:
+                fp8.convert_block(blk)
 
     def vit_parameters(self):
         """Every parameter except the FPN's (what freeze_vit freezes)."""
@@ -434,6 +456,9 @@ class InternViT6B(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         self._check_input(x)
+        if self.precision == "fp8" and torch.is_grad_enabled() and self.training and not self.freeze_vit:
+            raise RuntimeError("precision='fp8' is for inference: call model.eval() (or run under "
+                               "torch.no_grad()); FP8 weights are not trained")
         tokens, H, W = self.embed(x)
         # Blocks after the last requested output cannot change the outputs: skip them.
         blocks = self.blocks[: self.out_indices[-1] + 1]
@@ -462,5 +487,5 @@ class InternViT6B(nn.Module):
         return [o.float().contiguous() for o in outs]
 
     def extra_repr(self) -> str:
-        return (f"depth={self.depth}, out_indices={self.out_indices}, fast={self.fast}, "
+        return (f"depth={self.depth}, out_indices={self.out_indices}, fast={self.fast}, precision={self.precision}, "
                 f"with_fpn={self.with_fpn}, freeze_vit={self.freeze_vit}")

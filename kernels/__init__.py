@@ -9,7 +9,7 @@ value (launch.py). ``REGISTRY`` lists what each kernel file states about itself
 over it.
 """
 # The modules first: importing an op named like its module (rms_norm) rebinds the name.
-from . import block_ops as _block_ops, gelu as _gelu, qk_norm as _qk_norm, rms_norm as _rms_norm
+from . import block_ops as _block_ops, fp8 as _fp8, gelu as _gelu, qk_norm as _qk_norm, rms_norm as _rms_norm
 from ._common import INTERPRETING, kernels_can_run_on
 from .block_ops import attention_residual, linear_gelu, linear_residual_norm, mlp_residual, mlp_residual_norm
 from .gelu import gelu_launch, gelu_ref
@@ -20,7 +20,9 @@ from .rms_norm import residual_rms_norm, residual_rms_norm_launch, rms_norm, rms
 REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _block_ops.GELU_SPEC,
             _block_ops.PROJ_SPEC, _block_ops.FC2_SPEC,
             # the backward kernels
-            _rms_norm.BWD_SPEC, _block_ops.GELU_GRAD_SPEC]
+            _rms_norm.BWD_SPEC, _block_ops.GELU_GRAD_SPEC,
+            # FP8 inference (precision="fp8")
+            _fp8.QUANT_SPEC, _fp8.QKV_SPEC, _fp8.GELU_SPEC, _fp8.PROJ_SPEC, _fp8.FC2_SPEC]
 
 __all__ = [
     "INTERPRETING", "REGISTRY", "kernels_can_run_on",

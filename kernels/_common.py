@@ -148,3 +148,52 @@ def rms_scale_row(x, w, n_cols, eps, ROUND_TO: tl.constexpr):
     """
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     return cast(x * rstd, ROUND_TO).to(tl.float32) * w
+
+
+# --- FP8 (e4m3) quantization, shared by the quantizing row kernel and the GEMM's epilogue ------
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_GROUP = 128  # activations are scaled per 1 x 128 group along a row, weights per 128 x 128 block
+
+
+@triton.jit
+def fp8_scale(amax):
+    """(scale, 1 / scale) for a group whose largest magnitude is ``amax`` (fp32, >= 0): the
+    smallest power of two s with amax / s <= 448, found from amax's bits.
+
+    A power of two makes x * (1/s) and the dequantising q * s exact, so the only rounding is
+    e4m3's own and the torch reference reproduces the kernel bit for bit. Against amax / 448
+    it gives up less than one binade at the bottom of e4m3's range, none of its precision.
+    amax = m 2^E, m in [1, 2): s = 2^(E-8) if m <= 1.75 (448 = 1.75 2^8), else 2^(E-7); an
+    all-zero (or subnormal) group gets 2^-126."""
+    bits = amax.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    e = (bits >> 23).to(tl.int32) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    e = tl.minimum(tl.maximum(e, -126), 127)
+    s = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return s, inv
+
+
+@triton.jit
+def fp8_round(v):
+    """fp32 ``v`` (|v| <= 448) to e4m3, rounding to nearest even, also in the interpreter.
+
+    The GPU's conversion (cvt.rn.satfinite.e4m3x2.f32, which the compile gate looks for)
+    rounds; the interpreter's loses the carry into the exponent (1.94 -> 1.0, seen with
+    triton 3.6 and 3.9) but converts representable values exactly, so there v is rounded by
+    hand first: 3 mantissa bits for normals (|v| >= 2^-6), multiples of 2^-9 below."""
+    if INTERPRET:
+        bits = v.to(tl.uint32, bitcast=True)
+        normal = ((bits + (((bits >> 20) & 1) + 0x7FFFF)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        sub = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 2^23: rint of |v| 2^9
+        sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)  # -0 stays -0
+        v = tl.where(tl.abs(v) >= 0.015625, normal, sub)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def fp8_quantize_groups(u):
+    """A (rows, 128) fp32 tile, one group per row, to (e4m3 values, scales (rows,))."""
+    s, inv = fp8_scale(tl.max(tl.abs(u), axis=1))
+    return fp8_round(u * inv[:, None]), s

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemm, registry
+from .fp8 import fp8_linear, fp8_linear_gelu, fp8_linear_residual_norm, quantize_fp8
 from .gelu import gelu, gelu_launch
 from .gemm import TABLE_NAME, linear_launch, linear_ref
 from .launch import LaunchPlan, Meta, Target
@@ -38,12 +39,33 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _fp8(layer: nn.Module, *tensors, rowscale: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``layer`` holds an e4m3 weight with block scales (internvit_fast.fp8.Fp8Linear):
+    then the op runs the FP8 kernels, which are for inference only (no gradient through
+    ``tensors``, no drop path's ``rowscale``)."""
+    if getattr(layer, "weight_scale", None) is None:
+        return False
+    if rowscale is not None or _needs_grad(*tensors):
+        raise RuntimeError("precision='fp8' is for inference: no gradients, no drop path (call model.eval())")
+    return True
+
+
+def linear(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(h)`` on the fast path: cuBLAS, or quantize + the FP8 GEMM for an FP8 layer."""
+    if _fp8(layer, h):
+        return fp8_linear(h, layer.weight, layer.weight_scale, layer.bias)
+    return F.linear(h, layer.weight, layer.bias)
+
+
 def attention_residual(a: torch.Tensor, proj: nn.Linear, gamma: Optional[torch.Tensor], x: torch.Tensor,
                        norm: Optional[nn.Module], rowscale: Optional[torch.Tensor] = None,
                        eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x + rowscale * gamma * proj(a), norm of it): the attention half's residual and the norm
     that follows (norm2). ``norm`` None: no norm (h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
+    if _fp8(proj, a, x, gamma, nw, rowscale=rowscale):
+        q, s = quantize_fp8(a)
+        return fp8_linear_residual_norm(q, s, proj.weight, proj.weight_scale, proj.bias, gamma, x, nw, eps)
     if rowscale is not None or _needs_grad(a, x, proj.weight, proj.bias, gamma, nw):
         y = F.linear(a, proj.weight, proj.bias)
         return residual_rms_norm(x, y, gamma, nw, eps, rowscale)
@@ -57,6 +79,9 @@ def mlp_residual(h: torch.Tensor, mlp: nn.Module, gamma: Optional[torch.Tensor],
     block's norm1 (``norm`` None for the last block: h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
     fc1, fc2 = mlp.fc1, mlp.fc2
+    if _fp8(fc1, h, x, gamma, nw, rowscale=rowscale):
+        u, su = fp8_linear_gelu(h, fc1.weight, fc1.weight_scale, fc1.bias)
+        return fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps)
     if rowscale is not None or _needs_grad(h, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, nw):
         return mlp_residual_norm(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, x, nw, eps, rowscale)[:2]
     u = linear_gelu(h, fc1.weight, fc1.bias)

@@ -22,6 +22,15 @@ through L2); the groups are balanced, so no last group of one row-tile re-stream
 whole weight alone. sm_80 (and operands TMA cannot take: rows not 16-byte aligned) runs
 the same kernel with pointer loads, which Triton pipelines with cp.async.
 
+FP8 (``SCALED``, kernels/fp8.py): a and w are e4m3 with fp32 power-of-two scales, a's per
+1 x 128 group along K (A_SCALE (M, K/128)), w's per 128 x 128 block (W_SCALE (N/128, K/128)).
+Each main-loop step's product is accumulated separately and added to the fp32 accumulator
+times its two scales, once per 128 of K at the most (DeepSeek-V3's promotion: the tensor
+cores' own FP8 accumulation keeps about 14 bits). ``QUANT_OUT`` (fc1): the epilogue's
+output, rounded to the activation dtype first, is written as e4m3 with its 1 x 128 scales
+(Y_SCALE), exactly as the quantizing row kernel would write it; a 128-column group is one
+epilogue sub-tile.
+
 ``plan_linear`` is the launch decision (configuration from the tuned table or the
 defaults below, TMA or pointers, grid); ``linear_launch`` checks the inputs and runs it.
 The ops that use it (fc1 + GELU, proj/fc2 + residual + the next norm) are in block_ops.py.
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cast, check_tensors, on_device
+from ._common import FLOAT_DTYPES, FP8, FP8_GROUP, INTERPRET, cast, check_tensors, fp8_quantize_groups, on_device
 from .gelu import gelu_grad, gelu_value
 from .launch import Desc, LaunchPlan, Meta, Target, lookup, table_key
 
@@ -141,10 +150,35 @@ def _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N
 
 
 @triton.jit
-def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
-            EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_TMA: tl.constexpr):
-    """The epilogue of one (BLOCK_M, SUB_N) sub-tile: bias, rounding, GELU or residual, store."""
-    if USE_TMA:
+def _scaled_product(acc, a, b, A_SCALE, W_SCALE, off_m, off_n, k0, M, N, K,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + (a @ b) * scale_a * scale_w for the K-step at k0 of an FP8 GEMM (BLOCK_K divides
+    128: the step lies in one scale group). The scales are powers of two: the multiply is
+    exact, the add rounds once; an explicit fma (one instruction per element where a
+    multiply and an add would be two: the residual epilogue's build has contraction off)."""
+    g = k0 // 128
+    k_groups = tl.cdiv(K, 128)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    sa = tl.load(A_SCALE + rm.to(tl.int64) * k_groups + g, mask=rm < M, other=0.0)
+    sw = tl.load(W_SCALE + (rn // 128) * k_groups + g, mask=rn < N, other=0.0)
+    return tl.fma(tl.dot(a, b), sa[:, None] * sw[None, :], acc)
+
+
+@triton.jit
+def _finish(acc, x, bias, gamma, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.constexpr,
+            SUB_N: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+            USE_TMA: tl.constexpr, QUANT_OUT: tl.constexpr, ACT: tl.constexpr):
+    """The epilogue of one (BLOCK_M, SUB_N) sub-tile: bias, rounding, GELU or residual, store
+    (QUANT_OUT: SUB_N = 128, one scale group per row, stored as e4m3 and scales)."""
+    if QUANT_OUT:  # the activation dtype by its code (ACT_CODES): what the output rounds to first
+        if ACT == 1:
+            ty = tl.bfloat16
+        elif ACT == 2:
+            ty = tl.float16
+        else:
+            ty = tl.float32
+    elif USE_TMA:
         ty = Y.dtype
     else:
         ty = Y.dtype.element_ty
@@ -162,13 +196,20 @@ def _finish(acc, x, bias, gamma, Y, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.c
         y = x.to(tl.float32) + h
     else:
         y = h
-    if USE_TMA:
-        Y.store([off_m, off_n], cast(y, ty))
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, SUB_N)
+    if QUANT_OUT:
+        # Columns past N (the pointer path wraps them onto real ones) stay out of the group's max.
+        u = tl.where(rn[None, :] < N, cast(y, ty).to(tl.float32), 0.0)
+        out, scale = fp8_quantize_groups(u)
+        tl.store(Y_SCALE + rm.to(tl.int64) * tl.cdiv(N, 128) + off_n // 128, scale, mask=rm < M)
     else:
-        rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, SUB_N)
+        out = cast(y, ty)
+    if USE_TMA:
+        Y.store([off_m, off_n], out)
+    else:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], cast(y, ty), mask=mask)
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -181,6 +222,9 @@ def _linear_kernel(
     Y,  # (M, N) output: descriptor like X; or pointer, row stride stride_ym
     BIAS,  # (N,) (HAS_BIAS)
     GAMMA,  # (N,) LayerScale (HAS_GAMMA)
+    A_SCALE,  # SCALED: (M, cdiv(K, 128)) fp32, contiguous
+    W_SCALE,  # SCALED: (cdiv(N, 128), cdiv(K, 128)) fp32, contiguous
+    Y_SCALE,  # QUANT_OUT: (M, cdiv(N, 128)) fp32, contiguous
     M, N, K,
     stride_am, stride_wn, stride_xm, stride_ym,  # pointer path only; unit column strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -194,6 +238,9 @@ def _linear_kernel(
     EVEN_K: tl.constexpr,  # pointer path: K % BLOCK_K == 0, no mask in the main loop
     DOT_PRECISION: tl.constexpr,
     W_KN: tl.constexpr = False,
+    SCALED: tl.constexpr = False,  # FP8 operands with group scales
+    QUANT_OUT: tl.constexpr = False,  # e4m3 output with 1 x 128 scales (SUB_N == 128)
+    ACT: tl.constexpr = 0,  # QUANT_OUT: the activation dtype rounded to before quantizing (ACT_CODES)
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -234,7 +281,11 @@ def _linear_kernel(
                 if INTERPRET:  # the interpreter's bf16 dot is wrong; the GPU keeps bf16 MMAs
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                if SCALED:
+                    acc = _scaled_product(acc, a, b, A_SCALE, W_SCALE, off_m, off_n, ki * BLOCK_K, M, N, K,
+                                          BLOCK_M, BLOCK_N)
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         else:
             # Out-of-range rows/columns wrap onto valid ones for the loads (their results are
             # never stored): no padding copy and no row mask in the main loop.
@@ -259,7 +310,11 @@ def _linear_kernel(
                 if INTERPRET:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                if SCALED:
+                    acc = _scaled_product(acc, a, b, A_SCALE, W_SCALE, off_m, off_n, ki * BLOCK_K, M, N, K,
+                                          BLOCK_M, BLOCK_N)
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K
                 w_ptrs += w_step
 
@@ -269,18 +324,42 @@ def _linear_kernel(
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
             if EPILOGUE == EPI_GELU_GRAD:
                 x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
-            _finish(acc0, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
-                    HAS_BIAS, HAS_GAMMA, USE_TMA)
-            _finish(acc1, x1, bias1, gamma1, Y, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
-                    EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA)
+            _finish(acc0, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                    HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+            _finish(acc1, x1, bias1, gamma1, Y, Y_SCALE, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
+                    EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
         else:
-            _finish(acc, x0, bias0, gamma0, Y, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
-                    HAS_BIAS, HAS_GAMMA, USE_TMA)
+            _finish(acc, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                    HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
 
 
 # --- the launch plan and the launcher ------------------------------------------------------------
 
-def default_config(target: Target, epilogue: str, dtype: torch.dtype) -> dict:
+# FP8 (e4m3 operands, BLOCK_K dividing the 128-wide scale groups; fc1's quantized output
+# needs 128-column epilogue sub-tiles). sm_90: 128x128x128 tiles, 8 warps, 4 stages (128 KB
+# of operand buffers), one CTA per SM: each step's product is a second 128x128 fp32 tile
+# beside the accumulator, and one warpgroup holding both spilled 99 instructions' worth in
+# the main loop (the gate's reading, triton 3.6). The interpreter: a 128-wide
+# tile for the quantized output, 64-deep K steps so two share a scale group.
+FP8_CONFIGS = {
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EPI_SPLIT=1, num_warps=8, num_stages=4),
+    # fp32 activations: the residual tile in fp32 beside the two accumulators spilled 208 bytes
+    # at 128 rows; 64 rows do not spill.
+    "sm90_fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EPI_SPLIT=1, num_warps=4, num_stages=4),
+    "sm89": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=1, num_warps=8, num_stages=3),
+    "interpreter": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=2, EPI_SPLIT=1, num_warps=4, num_stages=1),
+}
+# The activation dtype's code for the kernel's ACT (what a quantized output rounds to first).
+ACT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def default_config(target: Target, epilogue: str, dtype: torch.dtype, act_dtype: Optional[torch.dtype] = None) -> dict:
+    if dtype == FP8:
+        if target.arch == "interpreter":
+            return FP8_CONFIGS["interpreter"]
+        if target.hopper:
+            return FP8_CONFIGS["sm90_fp32" if act_dtype == torch.float32 else "sm90"]
+        return FP8_CONFIGS["sm89"]
     if target.arch == "interpreter":
         return CONFIGS["interpreter", epilogue]
     if dtype == torch.float32:
@@ -290,18 +369,23 @@ def default_config(target: Target, epilogue: str, dtype: torch.dtype) -> dict:
 
 def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: Optional[Meta] = None,
                 bias: Optional[Meta] = None, gamma: Optional[Meta] = None, weight_kn: bool = False,
-                config: Optional[dict] = None) -> LaunchPlan:
+                config: Optional[dict] = None, a_scale: Optional[Meta] = None, w_scale: Optional[Meta] = None,
+                out_scale: Optional[Meta] = None, act_dtype: Optional[torch.dtype] = None) -> LaunchPlan:
     """The GEMM's launch for a (M, K) @ w (N, K) (or (K, N) when ``weight_kn``) into out
     (M, N), ``x`` the residual stream or pre-activation of the epilogue. The configuration:
     ``config`` (the tuner's), else the card's tuned table, else the defaults above; TMA where
     the card and every operand allow it; CTAS_PER_SM programs per SM (1 unless tuned; 2 lets
     one CTA's epilogue run under the other's main loop), striding over the tiles. PROGRAMS is
-    fixed by the card, not the shape, so every shape shares one build."""
+    fixed by the card, not the shape, so every shape shares one build. FP8: ``a_scale`` and
+    ``w_scale`` given (a and w e4m3), ``out_scale`` for an e4m3 output, ``act_dtype`` the
+    activation dtype (the epilogue's rounding points); the table keys carry "fp8e4nv"."""
     m, k = a.shape
     n = w.shape[1] if weight_kn else w.shape[0]
-    key = table_key(TABLE_NAME[epilogue], M=m, N=n, K=k, dtype=a.dtype)
+    scaled, quant_out = a_scale is not None, out_scale is not None
+    key = table_key(("fp8_" if scaled else "") + TABLE_NAME[epilogue], M=m, N=n, K=k, dtype=a.dtype)
     entry = lookup(target, key)
-    cfg = dict(config or (entry or {}).get("config") or default_config(target, epilogue, a.dtype))
+    cfg = dict(config or (entry or {}).get("config") or default_config(target, epilogue, a.dtype,
+                                                                                    act_dtype or out.dtype))
     want_tma = cfg.pop("USE_TMA", True)
     operands = [a, w, out] + ([x] if x is not None else [])
     tma_card = target.hopper or target.arch == "interpreter"  # the interpreter emulates descriptors
@@ -311,6 +395,11 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     ctas, flatten = cfg.pop("CTAS_PER_SM", 1), cfg.pop("FLATTEN", False)
     if cfg:
         raise ValueError(f"linear: unknown launch settings {sorted(cfg)}")
+    if scaled and FP8_GROUP % bk:
+        raise ValueError(f"linear: an FP8 GEMM's BLOCK_K must divide the {FP8_GROUP}-wide scale groups, got {bk}")
+    if quant_out and bn // split != FP8_GROUP:
+        raise ValueError(f"linear: a quantized output needs {FP8_GROUP}-column epilogue sub-tiles, "
+                         f"got BLOCK_N={bn} / EPI_SPLIT={split}")
     x_slot = x if x is not None else out
     if use_tma:
         tensors = dict(A=Desc(a, (bm, bk)), W=Desc(w, (bk, bn) if weight_kn else (bn, bk)),
@@ -318,8 +407,11 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     else:
         tensors = dict(A=a, W=w, X=x_slot, Y=out)
     flags = dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
-                 W_KN=weight_kn)
+                 W_KN=weight_kn, SCALED=scaled, QUANT_OUT=quant_out)
+    flags["ACT"] = ACT_CODES[act_dtype] if quant_out else 0  # (every constexpr given: triton 3.9's AOT signature)
     args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
+                A_SCALE=a_scale if scaled else a, W_SCALE=w_scale if scaled else a,
+                Y_SCALE=out_scale if quant_out else a,
                 M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
                 stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])
     constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EPI_SPLIT=split,
@@ -327,16 +419,19 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
                       USE_TMA=use_tma, EVEN_K=k % bk == 0,
                       DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **flags)
     programs = min(ctas * target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
-    # The residual epilogue promises rounding points: no FMA contraction there.
+    # The residual epilogue promises rounding points: no FMA contraction there. (An FP8 step's
+    # product times its power-of-two scales is exact, so contracting its add changes nothing.)
     options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=epilogue != "residual")
     return LaunchPlan(_linear_kernel, (programs,), args, constexprs, options, flags, key, entry is not None,
-                      f"{TABLE_NAME[epilogue]} {(m, n, k)}")
+                      f"{key[0]} {(m, n, k)}")
 
 
 def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                   epilogue: str = "none", gamma: Optional[torch.Tensor] = None,
                   residual: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                  pre: Optional[torch.Tensor] = None, weight_kn: bool = False) -> torch.Tensor:
+                  pre: Optional[torch.Tensor] = None, weight_kn: bool = False,
+                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                  out_scale: Optional[torch.Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Check the inputs, then write epilogue(a @ weight^T + bias) into ``out``.
 
     ``epilogue``: "none", "gelu", "residual" (needs ``residual``, the (M, N) stream; ``gamma``
@@ -344,10 +439,16 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     weight is given as (K, N), i.e. ``a @ weight`` (a layer's weight in its backward).
     ``config`` overrides the launch configuration (the tuner's); its ``USE_TMA`` (default
     True) is honoured only where the card and the tensors allow.
+
+    FP8 (kernels/fp8.py): ``a`` and ``weight`` e4m3 with ``a_scale`` (M, K/128) and ``w_scale``
+    (N/128, K/128), fp32 (K/128 and N/128 rounded up); bias, gamma, residual and out in the
+    activation dtype; or, with ``out_scale`` (M, N/128), ``out`` e4m3 with its scales, rounded to
+    ``act_dtype`` first (default: bias's dtype).
     """
     op = f"linear[{epilogue}]"
     if epilogue not in EPILOGUES:
         raise ValueError(f"linear: epilogue must be one of {sorted(EPILOGUES)}, got {epilogue!r}")
+    scaled = a_scale is not None or w_scale is not None
     named = [("a", a), ("weight", weight), ("out", out)]
     named += [] if bias is None else [("bias", bias)]
     named += [] if gamma is None else [("gamma", gamma)]
@@ -364,10 +465,18 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         residual = pre  # the same operand slot of the kernel
     elif pre is not None:
         raise ValueError(f"{op}: pre belongs to the gelu_grad epilogue")
-    check_tensors(op, *named)
-    for name, t in named[1:]:
-        if t.dtype != a.dtype:
-            raise ValueError(f"{op}: {name} dtype {t.dtype} differs from a dtype {a.dtype}")
+    check_tensors(op, *named, dtypes=FLOAT_DTYPES + (FP8,))
+    if scaled:
+        act = _check_fp8(op, a, weight, bias, out, epilogue, weight_kn, a_scale, w_scale, out_scale, act_dtype)
+    else:
+        if out_scale is not None:
+            raise ValueError(f"{op}: out_scale belongs to an FP8 GEMM (a_scale and w_scale)")
+        act = a.dtype
+    for name, t in named:
+        want = FP8 if (name in ("a", "weight") and scaled) or (name == "out" and out_scale is not None) else act
+        if t.dtype != want:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected {want}"
+                             + ("" if scaled else " (the dtype of a)"))
     if weight.ndim != 2:
         raise ValueError(f"{op}: weight must be 2-D ({'K, N' if weight_kn else 'N, K'}), got shape "
                          f"{tuple(weight.shape)}")
@@ -382,6 +491,12 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     for name, t in (("out", out), ("pre" if epilogue == "gelu_grad" else "residual", residual)):
         if t is not None and t.shape != (m, n):
             raise ValueError(f"{op}: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
+    groups = lambda d: -(-d // FP8_GROUP)  # noqa: E731
+    for name, t, shape in (("a_scale", a_scale, (m, groups(k))), ("w_scale", w_scale, (groups(n), groups(k))),
+                           ("out_scale", out_scale, (m, groups(n)))):
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{op}: {name} must be a contiguous {shape} tensor (one scale per {FP8_GROUP} "
+                             f"columns), got shape {tuple(t.shape)} and strides {t.stride()}")
     for name, t in (("a", a), ("weight", weight), ("out", out), ("residual", residual)):
         if t is not None and t.stride(1) != 1 and t.numel() > 1:
             raise ValueError(f"{op}: {name} must have unit column stride, got strides {t.stride()}")
@@ -391,13 +506,39 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return out
     if k == 0:
         raise ValueError(f"{op}: K = 0 (empty reduction) is not supported")
-    meta = {name: Meta.of(t) if t is not None else None for name, t in
-            (("a", a), ("w", weight), ("out", out), ("x", residual), ("bias", bias), ("gamma", gamma))}
+    tensors = dict(a=a, w=weight, out=out, x=residual, bias=bias, gamma=gamma, a_scale=a_scale, w_scale=w_scale,
+                   out_scale=out_scale)
+    meta = {name: Meta.of(t) if t is not None else None for name, t in tensors.items()}
     plan = plan_linear(meta["a"], meta["w"], meta["out"], epilogue, Target.of(a.device), x=meta["x"],
-                       bias=meta["bias"], gamma=meta["gamma"], weight_kn=weight_kn, config=config)
+                       bias=meta["bias"], gamma=meta["gamma"], weight_kn=weight_kn, config=config,
+                       a_scale=meta["a_scale"], w_scale=meta["w_scale"], out_scale=meta["out_scale"],
+                       act_dtype=act)
     given = dict(A=a, W=weight, X=residual if residual is not None else out, Y=out,
-                 BIAS=bias if bias is not None else weight, GAMMA=gamma if gamma is not None else weight)
+                 BIAS=bias if bias is not None else weight, GAMMA=gamma if gamma is not None else weight,
+                 A_SCALE=a_scale if a_scale is not None else a, W_SCALE=w_scale if w_scale is not None else a,
+                 Y_SCALE=out_scale if out_scale is not None else a)
     values = {name: plan.descriptor(name, t) if isinstance(plan.args[name], Desc) else t for name, t in given.items()}
     with on_device(a):
         plan.run(**values)
     return out
+
+
+def _check_fp8(op, a, weight, bias, out, epilogue, weight_kn, a_scale, w_scale, out_scale, act_dtype):
+    """An FP8 GEMM's own rules; returns the activation dtype."""
+    if a_scale is None or w_scale is None:
+        raise ValueError(f"{op}: an FP8 GEMM needs both a_scale and w_scale")
+    if weight_kn or epilogue == "gelu_grad":
+        raise ValueError(f"{op}: the FP8 GEMM is for inference: no transposed weight, no gelu_grad")
+    for name, t in (("a_scale", a_scale), ("w_scale", w_scale), ("out_scale", out_scale)):
+        if t is not None:
+            check_tensors(op, ("a", a), (name, t), dtypes=(torch.float32, FP8))
+            if t.dtype != torch.float32:
+                raise ValueError(f"{op}: {name} has dtype {t.dtype}; scales are float32")
+    if out_scale is None:
+        return out.dtype
+    if epilogue not in ("none", "gelu"):
+        raise ValueError(f"{op}: an e4m3 output (out_scale) is for the none and gelu epilogues")
+    act = act_dtype if act_dtype is not None else (bias.dtype if bias is not None else None)
+    if act not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: an e4m3 output needs act_dtype (the dtype it rounds to first), got {act}")
+    return act

@@ -19,7 +19,7 @@ import torch
 
 from ._common import INTERPRETING, INTERPRETER_SMS
 
-_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Meta:
 
     @property
     def element_size(self) -> int:
-        return torch.finfo(self.dtype).bits // 8
+        return self.dtype.itemsize
 
     def tma_ok(self) -> bool:
         """Hopper's TMA rules for a 2-D operand: unit column stride, base address and row

@@ -21,7 +21,7 @@ import torch
 EMBED, HIDDEN = 3200, 12800
 TOKENS_504, TOKENS_448 = 1297, 1025
 BATCHES = (1, 2, 4, 8)
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # activations
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class KernelSpec:
     choice_reference: Optional[Callable[[dict], Dict[str, torch.Tensor]]] = None  # default: reference
     loads_first: bool = False  # a row kernel that issues every global load before its first store
     variant: str = ""  # one kernel launched at two layers' shapes (proj, fc2) has two specs
+    # judge(outputs, inputs) asserts a launch's outputs where the parity rule against
+    # ``reference`` is not the promise (FP8: equality for quantization, the parity rule on
+    # dequantized values); None: the parity rule
+    judge: Optional[Callable[[dict, dict], None]] = None
 
     @property
     def id(self) -> str:

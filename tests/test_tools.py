@@ -93,7 +93,13 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     residual90 = [r for r in gemm90 if r["constexprs"]["EPILOGUE"] == 2]
     assert residual90 and all(r["serial_waits_before_mma"] == 0 for r in residual90)
     # two CTAs per SM by default on sm_90 (fc1, proj, fc2), which the gate found to fit
-    assert {r["constexprs"]["PROGRAMS"] for r in gemm90 if r["constexprs"]["EPILOGUE"] in (1, 2)} == {264}
+    assert {r["constexprs"]["PROGRAMS"] for r in gemm90
+            if r["constexprs"]["EPILOGUE"] in (1, 2) and not r["constexprs"]["SCALED"]} == {264}
+    # FP8 (#23): e4m3 wgmma (the gate fails without it), e4m3 written only by round-to-nearest cvt
+    fp8 = [r for r in builds if r["kernel"].startswith(("fp8_", "quantize_fp8")) and r["target"] == "sm_90"]
+    assert fp8 and not [r for r in builds if r["kernel"].startswith("fp8_") and r["target"] == "sm_80"]
+    assert all(r["fp8_cvt_other"] == 0 for r in fp8)
+    assert all(r["fp8_cvt_rn"] > 0 for r in fp8 if r["kernel"] in ("quantize_fp8", "fp8_linear_gelu"))
     # the cost model: every sm_90 GEMM build and every kernel at the main shape has a time per card
     assert all(set(r["predicted_us"]) == {"h100", "h200"} and min(r["predicted_us"].values()) > 0
                for r in builds if r["target"] == "sm_90" and r["function"] == "_linear_kernel")

@@ -1,0 +1,433 @@
+"""FP8 (e4m3) inference: quantization with fine-grained power-of-two scales, and the block's
+GEMMs on FP8 operands.
+
+    q, s = quantize(x)     x (M, K): s[m, g] = scale of row m's g-th 128 columns, q = e4m3(x / s)
+    w_q, w_s = quantize_weight(w)   w (N, K): one scale per 128 x 128 block
+    y = (q s) @ (w_q w_s)^T + b     the GEMM's main loop applies the scales per 128 of K
+
+Scales as DeepSeek-V3 quantizes for FP8 (1 x 128 activation groups along K, 128 x 128 weight
+blocks), so an outlier channel costs precision only in its own group. Each scale is the
+smallest power of two that brings the group's largest magnitude to at most e4m3's 448
+(_common.fp8_scale): multiplying by it and by its inverse is exact, so quantization is
+reproducible bit for bit (the tests assert equality with the torch reference below) and the
+only rounding is e4m3's. The residual stream and everything outside the GEMMs' inputs stay
+in the activation dtype with upstream's rounding points.
+
+The ops (inference only; the fast path calls them for an ``Fp8Linear``, internvit_fast/fp8.py):
+
+  - ``quantize_fp8``: the row kernel (the attention output and the norms' outputs, for now a
+    separate pass after the norm kernels);
+  - ``fp8_linear``: quantize, then the GEMM (qkv);
+  - ``fp8_linear_gelu``: quantize, then the GEMM with GELU whose epilogue writes e4m3 and its
+    scales (fc1): the hidden activation never exists in bf16;
+  - ``fp8_linear_residual_norm``: the GEMM on quantized inputs with the residual epilogue, then
+    rms_norm (proj on the quantized attention output, fc2 on fc1's e4m3 output).
+
+``*_ref`` are the plain-torch statements: quantization by the same formula (torch's own
+fp32 -> e4m3 conversion, which rounds to nearest even), and the GEMM on the dequantized
+operands in fp32 or float64.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import registry
+from ._common import FP8, FP8_GROUP, check_tensors, fp8_quantize_groups, on_device
+from .gemm import linear_launch
+from .launch import LaunchPlan, Meta, Target, lookup, table_key
+from .registry import KernelSpec, Shape
+from .rms_norm import rms_norm
+
+OP = "quantize_fp8"
+DEFAULT = {"BLOCK_M": 32, "num_warps": 4}  # 32 rows x one 128-column group per program
+
+
+def groups(n: int) -> int:
+    return -(-n // FP8_GROUP)
+
+
+# --- the torch reference --------------------------------------------------------------------
+
+def scale_ref(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) for fp32 group maxima, by the kernels' formula (_common.fp8_scale)."""
+    bits = amax.float().contiguous().view(torch.int32) & 0x7FFFFFFF
+    e = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    e = e.clamp(-126, 127)
+    return ((e + 127) << 23).view(torch.float32), ((127 - e) << 23).view(torch.float32)
+
+
+def _padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """x (R, C) zero-padded to (rows, cols)."""
+    return F.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]))
+
+
+def quantize_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) in any float dtype -> (e4m3 (..., K), fp32 scales (..., K/128 rounded up))."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    g = groups(k)
+    xg = _padded(x2, x2.shape[0], g * FP8_GROUP).view(-1, g, FP8_GROUP)
+    s, inv = scale_ref(xg.abs().amax(-1))
+    q = (xg * inv[..., None]).to(FP8).view(-1, g * FP8_GROUP)[:, :k]
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], g)
+
+
+def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An (N, K) weight -> (e4m3 (N, K), fp32 scales (N/128, K/128)), one per 128 x 128 block
+    (done once, when a model is converted or a checkpoint loads into one)."""
+    n, k = w.shape
+    gn, gk = groups(n), groups(k)
+    wb = _padded(w.float(), gn * FP8_GROUP, gk * FP8_GROUP).view(gn, FP8_GROUP, gk, FP8_GROUP)
+    s, inv = scale_ref(wb.abs().amax(dim=(1, 3)))
+    q = (wb * inv[:, None, :, None]).to(FP8).view(gn * FP8_GROUP, gk * FP8_GROUP)[:n, :k]
+    return q.contiguous(), s.contiguous()
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Activations (..., K) with (..., K/128) scales back to ``dtype`` (exact in fp32)."""
+    k = q.shape[-1]
+    return (q.to(dtype) * s.to(dtype).repeat_interleave(FP8_GROUP, -1)[..., :k])
+
+
+def dequantize_weight(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    n, k = q.shape
+    full = s.to(dtype).repeat_interleave(FP8_GROUP, 0)[:n].repeat_interleave(FP8_GROUP, 1)[:, :k]
+    return q.to(dtype) * full
+
+
+def linear_ref(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor],
+               out_dtype: torch.dtype, compute=torch.float32) -> torch.Tensor:
+    """The FP8 GEMM on quantized operands: exact products summed in ``compute``, bias added
+    there, rounded once to ``out_dtype`` (nn.Linear's rounding point)."""
+    h = dequantize(q, s, compute) @ dequantize_weight(wq, ws, compute).T
+    if bias is not None:
+        h = h + bias.to(compute)
+    return h.to(out_dtype)
+
+
+# --- the quantizing row kernel -------------------------------------------------------------------
+
+@triton.jit
+def _quantize_kernel(
+    X,  # (M, K), unit column stride, row stride stride_xm
+    Q,  # (M, K) e4m3, contiguous
+    S,  # (M, cdiv(K, 128)) fp32, contiguous
+    M, K, stride_xm,
+    BLOCK_M: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.program_id(1)
+    rk = g * 128 + tl.arange(0, 128)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    x = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, s = fp8_quantize_groups(x)
+    tl.store(Q + rm[:, None].to(tl.int64) * K + rk[None, :], q, mask=mask)
+    tl.store(S + rm.to(tl.int64) * tl.cdiv(K, 128) + g, s, mask=rm < M)
+
+
+def plan_quantize(x: Meta, target: Target, config: Optional[dict] = None) -> LaunchPlan:
+    m, k = x.shape
+    key = table_key(OP, M=m, K=k, dtype=x.dtype)
+    entry = lookup(target, key)
+    cfg = dict(config or (entry or {}).get("config") or DEFAULT)
+    q, s = Meta.contiguous((m, k), FP8), Meta.contiguous((m, groups(k)), torch.float32)
+    return LaunchPlan(_quantize_kernel, (triton.cdiv(m, cfg["BLOCK_M"]), groups(k)),
+                      dict(X=x, Q=q, S=s, M=m, K=k, stride_xm=x.stride[0]), dict(BLOCK_M=cfg["BLOCK_M"]),
+                      dict(num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=True), {}, key,
+                      entry is not None, f"{OP} {(m, k)}")
+
+
+def quantize_launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: Optional[dict] = None) -> None:
+    """Check the inputs, then write x's (M, K) e4m3 values into ``q`` and its scales into ``s``."""
+    check_tensors(OP, ("x", x))
+    check_tensors(OP, ("x", x), ("q", q), ("s", s), dtypes=(x.dtype, FP8, torch.float32))
+    if x.ndim != 2 or x.stride(1) != 1 and x.numel() > 1:
+        raise ValueError(f"{OP}: x must be 2-D with unit column stride, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    m, k = x.shape
+    for name, t, dtype, shape in (("q", q, FP8, (m, k)), ("s", s, torch.float32, (m, groups(k)))):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{OP}: {name} must be a contiguous {shape} {dtype} tensor, got {tuple(t.shape)} "
+                             f"{t.dtype} strides {t.stride()}")
+    if x.numel():
+        plan = plan_quantize(Meta.of(x), Target.of(x.device), config)
+        with on_device(x):
+            plan.run(X=x, Q=q, S=s)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("internvit_fast::quantize_fp8", mutates_args=())
+def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (e4m3 (..., K), fp32 scales (..., K/128)) through the kernel."""
+    x2 = _rows(x)
+    q = torch.empty(x2.shape, dtype=FP8, device=x.device)
+    s = torch.empty((x2.shape[0], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    quantize_launch(x2, q, s)
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+
+@quantize_fp8.register_fake
+def _(x):
+    return (torch.empty(x.shape, dtype=FP8, device=x.device),
+            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+
+
+# --- the GEMM ops ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("internvit_fast::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ w^T + b with x quantized here and w given quantized: x (..., K) -> (..., N) in x's dtype."""
+    q, s = quantize_fp8(_rows(x))
+    out = torch.empty((q.shape[0], wq.shape[0]), dtype=x.dtype, device=x.device)
+    linear_launch(q, wq, bias, out, "none", a_scale=s, w_scale=ws)
+    return out.view(*x.shape[:-1], wq.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x, wq, ws, bias):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
+@torch.library.custom_op("internvit_fast::fp8_linear_gelu", mutates_args=())
+def fp8_linear_gelu(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GELU(x @ w^T + b), rounded to x's dtype, as e4m3 with its 1 x 128 scales (fc1's output
+    quantized in the GEMM's epilogue, ready for fc2)."""
+    q, s = quantize_fp8(_rows(x))
+    m, n = q.shape[0], wq.shape[0]
+    out = torch.empty((m, n), dtype=FP8, device=x.device)
+    out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=x.device)
+    linear_launch(q, wq, bias, out, "gelu", a_scale=s, w_scale=ws, out_scale=out_s, act_dtype=x.dtype)
+    return out.view(*x.shape[:-1], n), out_s.view(*x.shape[:-1], groups(n))
+
+
+@fp8_linear_gelu.register_fake
+def _(x, wq, ws, bias):
+    n = wq.shape[0]
+    return (torch.empty((*x.shape[:-1], n), dtype=FP8, device=x.device),
+            torch.empty((*x.shape[:-1], groups(n)), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("internvit_fast::fp8_linear_residual_norm", mutates_args=())
+def fp8_linear_residual_norm(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                             bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor], x: torch.Tensor,
+                             norm_weight: Optional[torch.Tensor], eps: float = 1e-6
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_new, h): x_new = x + gamma * ((q s) @ (wq ws)^T + b) with upstream's rounding points,
+    h = RMSNorm(x_new) * norm_weight (empty without norm_weight)."""
+    x2 = _rows(x)
+    x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    linear_launch(_rows(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=_rows(s), w_scale=ws)
+    x_new = x_new.view(x.shape)
+    h = rms_norm(x_new, norm_weight, eps) if norm_weight is not None else x.new_empty(0)
+    return x_new, h
+
+
+@fp8_linear_residual_norm.register_fake
+def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
+    return x.new_empty(x.shape), (x.new_empty(x.shape) if norm_weight is not None else x.new_empty(0))
+
+
+# --- what the tools need to know (registry) ----------------------------------------------
+
+def fp8_targets(target: Target) -> bool:
+    """Cards with FP8 tensor cores (sm_89 and later) and the interpreter."""
+    if target.arch == "interpreter":
+        return True
+    return target.arch.startswith("sm") and target.arch[2:].isdigit() and int(target.arch[2:]) >= 89
+
+
+def _quant_inputs(s: Shape, device) -> dict:
+    # Rows of very different magnitudes and a few outlier columns: groups with their own scales.
+    x = registry.rand((s.rows, s.width), s.dtype, device, 1.0)
+    x = (x.float() * torch.logspace(-3, 2, s.rows, device=device)[:, None])
+    x[:, :: max(1, s.width // 5)] *= 16  # (finite in fp16 too)
+    x = x.to(s.dtype)
+    return {"x": x}
+
+
+def _quant_judge(got: dict, inputs: dict) -> None:
+    """Equality: the kernel's values and scales are the reference's, bit for bit."""
+    q, s = quantize_ref(inputs["x"])
+    assert torch.equal(got["s"], s), f"{OP}: scales differ from the reference"
+    assert torch.equal(got["q"].view(torch.uint8), q.view(torch.uint8)), f"{OP}: e4m3 values differ from the reference"
+
+
+def _quant_meta(s: Shape) -> Meta:
+    return Meta.contiguous((s.rows, s.width), s.dtype)
+
+
+QUANT_SPEC = KernelSpec(
+    name=OP,
+    math="s = 2^ceil(log2(max|x_group| / 448)) per 1 x 128 group; q = e4m3(x / s)",
+    promises_rounding=False,
+    make_inputs=_quant_inputs,
+    new_outputs=lambda i: {"q": torch.full(i["x"].shape, float("nan"), dtype=FP8, device=i["x"].device),
+                           "s": registry.nan_like(i["x"].float(), (i["x"].shape[0], groups(i["x"].shape[1])))},
+    launch=lambda i, o, cfg: quantize_launch(i["x"], o["q"], o["s"], cfg),
+    reference=lambda i: dict(zip(("q", "s"), quantize_ref(i["x"]))),
+    plans=lambda target: [plan_quantize(_quant_meta(s), target) for s in registry.segmentation_shapes()
+                          if s.dtype != torch.float32] if fp8_targets(target) else [],
+    plan_for=lambda i, target: plan_quantize(Meta.of(i["x"]), target),
+    candidates=lambda arch: [dict(BLOCK_M=b, num_warps=w) for b, w in
+                             (((16, 4), (32, 4)) if arch == "smoke" else ((16, 4), (32, 4), (64, 8)))],
+    judge=_quant_judge,
+)
+
+
+def _fp8_dims(epilogue: str, variant: str, s: Shape) -> Tuple[int, int]:
+    """(N, K): qkv (3 width, width), fc1 (hidden, width), proj (width, width), fc2 (width, hidden)."""
+    if epilogue == "none":
+        return 3 * s.width, s.width
+    if epilogue == "gelu":
+        return s.hidden, s.width
+    return (s.width, s.width) if variant == "proj" else (s.width, s.hidden)
+
+
+def _plan_fp8(epilogue: str, variant: str, s: Shape, target: Target, gamma: bool = True,
+              config: Optional[dict] = None) -> LaunchPlan:
+    """The launch of this FP8 GEMM at a shape, with contiguous operands (the fast path's)."""
+    from .gemm import plan_linear
+    n, k = _fp8_dims(epilogue, variant, s)
+    m = Meta.contiguous
+    quant_out = epilogue == "gelu"
+    vec = m((n,), s.dtype)
+    return plan_linear(m((s.rows, k), FP8), m((n, k), FP8), m((s.rows, n), FP8 if quant_out else s.dtype), epilogue,
+                       target, x=m((s.rows, n), s.dtype) if epilogue == "residual" else None, bias=vec,
+                       gamma=vec if epilogue == "residual" and gamma else None, config=config,
+                       a_scale=m((s.rows, groups(k)), torch.float32), w_scale=m((groups(n), groups(k)), torch.float32),
+                       out_scale=m((s.rows, groups(n)), torch.float32) if quant_out else None, act_dtype=s.dtype)
+
+
+def _fp8_plans(epilogue: str, variant: str):
+    def plans(target: Target):
+        if not fp8_targets(target):
+            return []
+        out = [_plan_fp8(epilogue, variant, s, target) for s in registry.segmentation_shapes()]
+        if epilogue == "residual":  # a model without LayerScale
+            out += [_plan_fp8(epilogue, variant, s, target, gamma=False) for s in registry.segmentation_shapes()]
+        return out
+    return plans
+
+
+def _fp8_plan_for(epilogue: str, variant: str):
+    def plan_for(i: dict, target: Target) -> LaunchPlan:
+        rows, k = i["q"].shape
+        n = i["wq"].shape[0]
+        width = {"none": k, "gelu": k, "residual": n}[epilogue]
+        hidden = n if epilogue == "gelu" else k if variant == "fc2" else 4 * width
+        return _plan_fp8(epilogue, variant, Shape(rows, width, hidden, i["bias"].dtype), target)
+    return plan_for
+
+
+def _fp8_inputs(epilogue: str, variant: str):
+    def make(s: Shape, device) -> dict:
+        n, k = _fp8_dims(epilogue, variant, s)
+        r = registry.rand
+        q, sc = quantize_ref(r((s.rows, k), s.dtype, device, 2.0 if epilogue == "residual" else 1.0))
+        wq, ws = quantize_weight(r((n, k), s.dtype, device, k ** -0.5))
+        inp = dict(q=q, s=sc, wq=wq, ws=ws, bias=r((n,), s.dtype, device, 0.5))
+        if epilogue == "residual":
+            inp.update(gamma=r((n,), s.dtype, device, 0.3), x=r((s.rows, n), s.dtype, device, 3.0))
+        return inp
+    return make
+
+
+def _fp8_run(epilogue: str):
+    def launch(i: dict, o: dict, cfg: Optional[dict]) -> None:
+        if epilogue == "gelu":
+            linear_launch(i["q"], i["wq"], i["bias"], o["q"], "gelu", a_scale=i["s"], w_scale=i["ws"],
+                          out_scale=o["s"], act_dtype=i["bias"].dtype, config=cfg)
+        elif epilogue == "residual":
+            linear_launch(i["q"], i["wq"], i["bias"], o["x_new"], "residual", gamma=i["gamma"], residual=i["x"],
+                          a_scale=i["s"], w_scale=i["ws"], config=cfg)
+        else:
+            linear_launch(i["q"], i["wq"], i["bias"], o["y"], "none", a_scale=i["s"], w_scale=i["ws"], config=cfg)
+    return launch
+
+
+def _fp8_outputs(epilogue: str):
+    def new(i: dict) -> dict:
+        rows, n, dtype = i["q"].shape[0], i["wq"].shape[0], i["bias"].dtype
+        if epilogue == "gelu":
+            return {"q": torch.full((rows, n), float("nan"), dtype=FP8, device=i["q"].device),
+                    "s": torch.full((rows, groups(n)), float("nan"), device=i["q"].device)}
+        return {"x_new" if epilogue == "residual" else "y": torch.full((rows, n), float("nan"), dtype=dtype,
+                                                                         device=i["q"].device)}
+    return new
+
+
+def gemm_ref(epilogue: str, i: dict, compute=torch.float32) -> dict:
+    """The FP8 GEMM ops' statement in torch: the GEMM on the dequantized operands summed in
+    ``compute``, then the bf16 path's epilogue at its rounding points; fc1's output quantized."""
+    dtype = i["bias"].dtype
+    h = linear_ref(i["q"], i["s"], i["wq"], i["ws"], i["bias"], dtype, compute)
+    if epilogue == "gelu":
+        return dict(zip(("q", "s"), quantize_ref(F.gelu(h.to(compute)).to(dtype))))
+    if epilogue == "residual":
+        gamma = i.get("gamma")
+        return {"x_new": i["x"] + (h if gamma is None else (h.float() * gamma.float()).to(dtype))}
+    return {"y": h}
+
+
+def _fp8_judge(epilogue: str):
+    def judge(got: dict, i: dict) -> None:
+        """The parity rule against the GEMM summed in float64 (with fp32 sums as torch's own
+        error); for fc1's e4m3 output, on the dequantized values (which a quantization that
+        picked the wrong scale or rounded wrongly fails: the rule's slack is twice the
+        reference's own quantization error)."""
+        from internvit_fast import parity
+        exact, same = gemm_ref(epilogue, i, torch.float64), gemm_ref(epilogue, i, torch.float32)
+        if epilogue == "gelu":
+            got, exact, same = ({"u": dequantize(d["q"], d["s"])} for d in (got, exact, same))
+        for name in got:
+            verdict = parity.check(got[name], exact[name], same[name], 1e-3)
+            assert verdict.ok, f"fp8 {epilogue} {name}: {verdict}"
+    return judge
+
+
+def _fp8_candidates(epilogue: str):
+    def cands(arch: str):
+        two = dict(CTAS_PER_SM=2)
+        if arch == "smoke":
+            rows = [(16, 128, 64, 1, 4, 1, 2, {}), (32, 128, 128, 1, 4, 1, 2, two)]
+        else:
+            rows = [(128, 128, 128, 1, 4, 3, 8, two), (128, 128, 128, 1, 8, 4, 8, {}), (128, 128, 64, 1, 8, 4, 8, {}),
+                    (128, 256, 128, 2, 8, 3, 8, {}), (64, 128, 128, 1, 4, 4, 8, two)]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EPI_SPLIT=sp, num_warps=w, num_stages=st, GROUP_M=g, **x)
+                for bm, bn, bk, sp, w, st, g, x in rows]
+    return cands
+
+
+def _fp8_spec(epilogue: str, variant: str = "") -> KernelSpec:
+    name = {"none": "fp8_linear", "gelu": "fp8_linear_gelu", "residual": "fp8_linear_residual"}[epilogue]
+    return KernelSpec(
+        name=name,
+        variant=variant,
+        math={"none": "y = round((q s) @ (wq ws)^T + b) (qkv)",
+              "gelu": "(u, su) = quantize(round(GELU(round((q s) @ (wq ws)^T + b)))) (fc1)",
+              "residual": "x_new = round(x + round(gamma * round((q s) @ (wq ws)^T + b))) (proj, fc2)"}[epilogue],
+        promises_rounding=epilogue == "residual",
+        make_inputs=_fp8_inputs(epilogue, variant),
+        new_outputs=_fp8_outputs(epilogue),
+        launch=_fp8_run(epilogue),
+        reference=lambda i: gemm_ref(epilogue, i),
+        plans=_fp8_plans(epilogue, variant),
+        plan_for=_fp8_plan_for(epilogue, variant),
+        candidates=_fp8_candidates(epilogue),
+        judge=_fp8_judge(epilogue),
+    )
+
+
+QKV_SPEC = _fp8_spec("none")
+GELU_SPEC = _fp8_spec("gelu")
+PROJ_SPEC = _fp8_spec("residual", "proj")
+FC2_SPEC = _fp8_spec("residual", "fc2")
