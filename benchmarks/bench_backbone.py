@@ -2,7 +2,8 @@
 
 Paths: the reference (SDPA attention; at batch 1 also the naive attention), the fast
 path, torch.compile of the reference (default, and max-autotune-no-cudagraphs) and of the
-fast model (default), and the fast path replayed from a CUDA graph. Every SDPA path runs
+fast model (default), the fast path replayed from a CUDA graph, and the fast path of the
+same weights converted to FP8 (``precision="fp8"``, on cards with FP8 tensor cores). Every SDPA path runs
 under the same backend order (attention.py: cuDNN first on sm_90, compiled graphs too),
 and each record names the attention kernels its path really launched (from a profile).
 One pytest-benchmark group per configuration and batch. Random weights (never zeros: they
@@ -28,10 +29,10 @@ if harness.CUDA:
 else:
     CONFIGS, BATCHES, MAIN = ["small"], [1], "small"
 MAIN_BATCH = 4 if harness.CUDA else 1
-PATHS = ["reference", "fast", "compile-default", "compile-fast", "fast-cudagraph", "compile-max-autotune"]
+PATHS = ["reference", "fast", "compile-default", "compile-fast", "fast-cudagraph", "compile-max-autotune", "fast-fp8"]
 CASES = [(c, b, p) for c in CONFIGS for b in BATCHES for p in PATHS] + [(MAIN, 1, "reference-naive-attn")]
 
-_models, _compiled = {}, {}
+_models, _compiled, _fp8_models = {}, {}, {}
 
 
 def model_for(config: str) -> InternViT6B:
@@ -39,6 +40,7 @@ def model_for(config: str) -> InternViT6B:
     if config not in _models:
         _models.clear()  # one 12 GB model on the card at a time
         _compiled.clear()
+        _fp8_models.clear()
         torch.cuda.empty_cache() if harness.CUDA else None
         with torch.device(harness.DEVICE):
             torch.manual_seed(0)
@@ -49,6 +51,19 @@ def model_for(config: str) -> InternViT6B:
                         p.uniform_(0.5, 1.5)  # norms and gammas: non-trivial, never zeros
         _models[config] = model
     return _models[config]
+
+
+def fp8_model_for(config: str) -> InternViT6B:
+    """The same weights with precision="fp8" (quantized as they load: 6 GB beside the bf16 model)."""
+    if harness.CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("not measured: FP8 needs FP8 tensor cores (sm_89 or later)")
+    if config not in _fp8_models:
+        src = model_for(config)
+        with torch.device(harness.DEVICE):
+            model = InternViT6B(**PRESETS[config], with_cp=False, precision="fp8").eval()
+        model.load_state_dict(src.state_dict())
+        _fp8_models[config] = model
+    return _fp8_models[config]
 
 
 @contextlib.contextmanager
@@ -66,8 +81,7 @@ def path_settings(model: InternViT6B, fast: bool = False, naive_attn: bool = Fal
             b.attn.use_flash_attn = flag
 
 
-def _forward_fn(config: str, path: str, example: torch.Tensor):
-    model = model_for(config)
+def _forward_fn(config: str, path: str, example: torch.Tensor, model: InternViT6B):
     if path.startswith("compile"):
         # compile-fast: the same model with fast=True (path_settings), traced through the custom ops
         mode = "max-autotune-no-cudagraphs" if path == "compile-max-autotune" else "default"
@@ -94,11 +108,11 @@ def _forward_fn(config: str, path: str, example: torch.Tensor):
 def test_backbone(bench, config, batch, path):
     cfg = PRESETS[config]
     size = cfg["img_size"]
-    model = model_for(config)
+    model = fp8_model_for(config) if path == "fast-fp8" else model_for(config)
     imgs = [torch.randn(batch, 3, size, size, device=harness.DEVICE) for _ in range(2)]
     fast = path.startswith("fast") or path == "compile-fast"
     with path_settings(model, fast=fast, naive_attn=path.endswith("naive-attn")), torch.inference_mode():
-        fn = _forward_fn(config, path, imgs[0])
+        fn = _forward_fn(config, path, imgs[0], model)
         fn(imgs[1])  # compiles (torch.compile, Triton JIT) outside the timed rounds
         if harness.CUDA:
             torch.cuda.reset_peak_memory_stats()
@@ -150,6 +164,21 @@ def test_full_size_parity(record_check):
                  **{f"err_{k}": v.err for k, v in verdicts.items()})
     for name, verdict in verdicts.items():
         assert verdict.ok, f"{name}: {verdict}"
+
+
+def test_fp8_features(record_check):
+    """precision="fp8" against bf16 on the same weights at full size, per out_index (relative
+    L2 error and cosine of the features; float64 does not fit beside a 6B model): what
+    python -m internvit_fast.precision_check prints, on random weights."""
+    model, fp8 = model_for(MAIN), fp8_model_for(MAIN)
+    size = PRESETS[MAIN]["img_size"]
+    img = torch.randn(1, 3, size, size, device=harness.DEVICE)
+    with path_settings(model, fast=True), path_settings(fp8, fast=True), torch.inference_mode():
+        ref, got = model(img), fp8(img)
+    from internvit_fast.precision_check import compare
+    rows = compare([g.double() for g in got], [r.double() for r in ref])
+    record_check(check="fp8_features", config=MAIN, out_indices=list(model.out_indices), rows=rows)
+    assert all(r["cos"] > 0.99 for r in rows), rows
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])

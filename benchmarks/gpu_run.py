@@ -166,6 +166,11 @@ def markdown(res: dict) -> str:
             lines += [f"## Full-size parity ({chk['config']}, batch 1, max |error| against fp32; outputs up to "
                       f"{chk['max_abs_out']:.3g})", "", f"reference (SDPA) {chk['err_sdpa']:.3g}, reference (naive "
                       f"attention) {chk['err_naive']:.3g}, fast path {chk['err_fast']:.3g}", ""]
+        elif chk.get("check") == "fp8_features":
+            lines += [f"## precision='fp8' against bf16 ({chk['config']}, batch 1, random weights)", "",
+                      "| out_index | relative L2 error | cosine |", "|---|---|---|"]
+            lines += [f"| {i} | {r['rel']:.4f} | {r['cos']:.6f} |" for i, r in zip(chk["out_indices"], chk["rows"])]
+            lines.append("")
         elif chk.get("check") == "profile":
             lines += [f"## Profile: {chk['profiled_path']} path, {chk['config']} batch {chk['batch']} "
                       f"({chk['total_ms']:.1f} ms of kernels)", "", "| kernel | ms | share | calls |", "|---|---|---|---|"]

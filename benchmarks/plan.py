@@ -72,6 +72,7 @@ def selections(smoke: bool) -> Dict[str, List[str]]:
                                                             "linear_residual[fc2]") for impl in ("fused", "unfused")]
         + rows,
         "tuned": [f"{backbone}[{cfg}-{b4}-fast]"],
+        "fp8": [f"{backbone}[{cfg}-{b4}-fast-fp8]", "benchmarks/bench_backbone.py::test_fp8_features"],
         # smoke: the paths that give the shares (the interpreter makes each fast path ~15 s)
         "segmentation": [f"benchmarks/bench_segmentation.py::test_slide_inference[56x84-{p}]" for p in
                          ("sequential-reference", "batched-fast", "batched-fast-backbone-only",
@@ -92,6 +93,13 @@ def _backbone_b4(card):
 def _parity(card):
     # an fp32 model (24 GB) built beside the bf16 one; fp32 runs at ~1/4 of the bf16 rate
     return 2 * MODEL_BUILD + 3 * forward_s(card, "upernet", 1) + 4 * forward_s(card, "upernet", 1)
+
+
+def _fp8(card):
+    # The FP8 copy built and quantized beside the bf16 model, its kernels compiled, the GEMMs
+    # (85% of the block) at up to twice the bf16 rate; then one bf16 and one FP8 forward at batch 1.
+    t = forward_s(card, "upernet", 4) * 0.6
+    return MODEL_BUILD + 6 * TRITON_JIT + FORWARD_CALLS * t + BENCH_OVERHEAD + 2 * forward_s(card, "upernet", 1)
 
 
 def _choices(card):
@@ -133,6 +141,8 @@ def stages(tune: bool = True, skip_tests: bool = False, smoke: bool = False) -> 
               "SDPA backends on the fast path's layout", _backbone_b4, sel["backbone"], box_factor=1.6),
         Stage("parity", "full-size parity of the reference (SDPA, naive) and fast paths against fp32", _parity,
               ["benchmarks/bench_backbone.py::test_full_size_parity"]),
+        Stage("fp8-b4", "precision='fp8': the fast FP8 backbone at batch 4, and its features against bf16",
+              _fp8, sel["fp8"]),
         Stage("fused-vs-unfused-b4", "each fused GEMM against its unfused alternative, norm kernels at batch 4 and 8",
               _choices, sel["choices"], needs_model=False),
     ]

@@ -384,6 +384,9 @@ def print_block(moved: List[dict], out=sys.stdout) -> int:
             print(f"{path:<14} {total:7.0f} us  ({parts})", file=out)
         e, c, f = (sum(paths[p].values()) for p in ("eager", "torch.compile", "fast"))
         print(f"fast vs eager x{e / f:.2f}, vs torch.compile x{c / f:.2f}", file=out)
+        if "fast fp8" in paths:
+            f8 = sum(paths["fast fp8"].values())
+            print(f"fast fp8 vs fast x{f / f8:.2f}, vs torch.compile x{c / f8:.2f}", file=out)
     return 0
 
 

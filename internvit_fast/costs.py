@@ -45,6 +45,9 @@ def counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
     if spec_id == "rms_norm_backward":  # reads x_new, y, dx_new, dh; writes dx, dy
         b = 6 * rows * width * el
         return b, b, 0
+    if spec_id == "rms_norm_fp8":  # reads a row and the weight, writes e4m3 bytes and a scale per 128
+        b = rows * width * (el + 1) + rows * -(-width // 128) * 4 + width * el
+        return b, b, 0
     if spec_id == "quantize_fp8":  # reads a row, writes its e4m3 bytes and a scale per 128
         b = rows * width * (el + 1) + rows * -(-width // 128) * 4
         return b, b, 0
@@ -173,4 +176,14 @@ def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, D
                     fc2_residual_next_norm=min(gemm_pred["linear_residual[fc2]"][name] + norm_min,
                                                fc2 + res_norm_min))
         out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast}
+        fp8 = ("fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]", "fp8_linear_residual[fc2]")
+        if all(k in gemm_pred for k in fp8):
+            # precision="fp8": the norms write e4m3 (a row read, a byte and a scale per 128 written),
+            # the attention output goes through the quantizer; attention and qk_norm as above.
+            quant = memory_us(card, rows * c * (el + 1) + rows * c / 128 * 4)
+            out[name]["fast fp8"] = dict(
+                qkv=gemm_pred["fp8_linear"][name], qk_norm=qk_min, attention=att, quantize_attention=quant,
+                proj_residual_norm2=gemm_pred["fp8_linear_residual[proj]"][name] + quant,
+                fc1_gelu=gemm_pred["fp8_linear_gelu"][name],
+                fc2_residual_next_norm=gemm_pred["fp8_linear_residual[fc2]"][name] + quant)
     return out

@@ -26,7 +26,8 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from .kernels import kernels_can_run_on, rms_norm
+from .kernels import kernels_can_run_on
+from .kernels.block_ops import norm_input
 from .kernels._common import FLOAT_DTYPES
 
 _warned_cpu = False
@@ -84,7 +85,7 @@ def forward_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, out_indices: Se
     feats = []
     checkpointed = blocks[0].with_cp and torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in blocks[0].parameters()))
-    h = None if checkpointed else rms_norm(x, blocks[0].norm1.weight, blocks[0].norm1.eps)
+    h = None if checkpointed else norm_input(x, blocks[0].norm1, blocks[0].attn.qkv)
     for i, blk in enumerate(blocks):
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) and not checkpointed else None
         if checkpointed:

@@ -19,8 +19,8 @@ from torch import nn
 
 from . import attention, fp8, graphs
 from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
-from .kernels import attention_residual, mlp_residual, qk_norm, rms_norm
-from .kernels.block_ops import linear
+from .kernels import attention_residual, mlp_residual, qk_norm
+from .kernels.block_ops import linear, norm_input
 
 logger = logging.getLogger("internvit_fast")
 
@@ -116,10 +116,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=-1)  # columns ordered (q | k | v)
         return self.proj(self._attend(self.q_norm(q), self.k_norm(k), v))
 
-    def forward_fused(self, h: torch.Tensor) -> torch.Tensor:
+    def forward_fused(self, h) -> torch.Tensor:
         """forward() up to proj, through the QK-norm kernel: q and k are written once in
-        attention's layout, v is read in place from the projection (a strided view)."""
-        C = h.shape[-1]
+        attention's layout, v is read in place from the projection (a strided view). ``h``:
+        norm1's output (for an FP8 model quantized, kernels.fp8.Fp8Activation)."""
+        C = self.qkv.in_features
         qkv = linear(h, self.qkv)  # cuBLAS (or the FP8 GEMM)
         if self.qk_normalization:
             q, k = qk_norm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps).unbind(0)
@@ -175,7 +176,7 @@ class Block(nn.Module):
         as DropPath draws them.
         """
         if h is None:
-            h = rms_norm(x, self.norm1.weight, self.norm1.eps)
+            h = norm_input(x, self.norm1, self.attn.qkv)
         a = self.attn.forward_fused(h)
         x, h = attention_residual(a, self.attn.proj, _gamma(self.ls1), x, self.norm2, self._rowscale(1, x))
         return mlp_residual(h, self.mlp, _gamma(self.ls2), x, next_norm, self._rowscale(2, x), self.norm2.eps)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemm, registry
-from .fp8 import fp8_linear, fp8_linear_gelu, fp8_linear_residual_norm, quantize_fp8
+from .fp8 import Fp8Activation, fp8_linear, fp8_linear_gelu, fp8_linear_residual_norm, quantize_fp8, rms_norm_fp8
 from .gelu import gelu, gelu_launch
 from .gemm import TABLE_NAME, linear_launch, linear_ref
 from .launch import LaunchPlan, Meta, Target
@@ -50,11 +50,33 @@ def _fp8(layer: nn.Module, *tensors, rowscale: Optional[torch.Tensor] = None) ->
     return True
 
 
-def linear(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``layer(h)`` on the fast path: cuBLAS, or quantize + the FP8 GEMM for an FP8 layer."""
-    if _fp8(layer, h):
-        return fp8_linear(h, layer.weight, layer.weight_scale, layer.bias)
+def _quantized(h) -> Fp8Activation:
+    """h as an FP8 GEMM's input (quantized by the row kernel unless it already is)."""
+    if isinstance(h, Fp8Activation):
+        return h
+    q, s = quantize_fp8(h)
+    return Fp8Activation(q, s, h.dtype)
+
+
+def norm_input(x: torch.Tensor, norm: nn.Module, layer: nn.Module):
+    """``norm(x)`` as the input of ``layer``: for an FP8 layer e4m3 with scales from the norm
+    kernel itself (an Fp8Activation), else the activation."""
+    if _fp8(layer, x, norm.weight):
+        return Fp8Activation(*rms_norm_fp8(x, norm.weight, norm.eps), x.dtype)
+    return rms_norm(x, norm.weight, norm.eps)
+
+
+def linear(h, layer: nn.Module) -> torch.Tensor:
+    """``layer(h)`` on the fast path: cuBLAS, or the FP8 GEMM for an FP8 layer (``h`` an
+    Fp8Activation from norm_input, or an activation to quantize first)."""
+    if _fp8(layer, *([] if isinstance(h, Fp8Activation) else [h])):
+        h = _quantized(h)
+        return fp8_linear(h.q, h.s, layer.weight, layer.weight_scale, layer.bias, h.dtype)
     return F.linear(h, layer.weight, layer.bias)
+
+
+def _next(x_new: torch.Tensor, hq: torch.Tensor, hs: torch.Tensor, norm_weight):
+    return x_new, (Fp8Activation(hq, hs, x_new.dtype) if norm_weight is not None else x_new.new_empty(0))
 
 
 def attention_residual(a: torch.Tensor, proj: nn.Linear, gamma: Optional[torch.Tensor], x: torch.Tensor,
@@ -64,8 +86,9 @@ def attention_residual(a: torch.Tensor, proj: nn.Linear, gamma: Optional[torch.T
     that follows (norm2). ``norm`` None: no norm (h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
     if _fp8(proj, a, x, gamma, nw, rowscale=rowscale):
-        q, s = quantize_fp8(a)
-        return fp8_linear_residual_norm(q, s, proj.weight, proj.weight_scale, proj.bias, gamma, x, nw, eps)
+        a8 = _quantized(a)
+        return _next(*fp8_linear_residual_norm(a8.q, a8.s, proj.weight, proj.weight_scale, proj.bias, gamma, x, nw,
+                                               eps), nw)
     if rowscale is not None or _needs_grad(a, x, proj.weight, proj.bias, gamma, nw):
         y = F.linear(a, proj.weight, proj.bias)
         return residual_rms_norm(x, y, gamma, nw, eps, rowscale)
@@ -79,9 +102,10 @@ def mlp_residual(h: torch.Tensor, mlp: nn.Module, gamma: Optional[torch.Tensor],
     block's norm1 (``norm`` None for the last block: h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if _fp8(fc1, h, x, gamma, nw, rowscale=rowscale):
-        u, su = fp8_linear_gelu(h, fc1.weight, fc1.weight_scale, fc1.bias)
-        return fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps)
+    if _fp8(fc1, x, gamma, nw, rowscale=rowscale):
+        h8 = _quantized(h)
+        u, su = fp8_linear_gelu(h8.q, h8.s, fc1.weight, fc1.weight_scale, fc1.bias, h8.dtype)
+        return _next(*fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps), nw)
     if rowscale is not None or _needs_grad(h, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, nw):
         return mlp_residual_norm(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, x, nw, eps, rowscale)[:2]
     u = linear_gelu(h, fc1.weight, fc1.bias)

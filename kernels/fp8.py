@@ -15,13 +15,14 @@ in the activation dtype with upstream's rounding points.
 
 The ops (inference only; the fast path calls them for an ``Fp8Linear``, internvit_fast/fp8.py):
 
-  - ``quantize_fp8``: the row kernel (the attention output and the norms' outputs, for now a
-    separate pass after the norm kernels);
-  - ``fp8_linear``: quantize, then the GEMM (qkv);
-  - ``fp8_linear_gelu``: quantize, then the GEMM with GELU whose epilogue writes e4m3 and its
-    scales (fc1): the hidden activation never exists in bf16;
-  - ``fp8_linear_residual_norm``: the GEMM on quantized inputs with the residual epilogue, then
-    rms_norm (proj on the quantized attention output, fc2 on fc1's e4m3 output).
+  - ``rms_norm_fp8``: the rms_norm kernel writing e4m3 and scales instead of bf16 (norm1,
+    norm2: the inputs of qkv and fc1), quantized in registers;
+  - ``quantize_fp8``: the row kernel for the attention output (proj's input);
+  - ``fp8_linear``: the GEMM (qkv), output in the activation dtype;
+  - ``fp8_linear_gelu``: the GEMM with GELU whose epilogue writes e4m3 and its scales (fc1):
+    the hidden activation never exists in bf16;
+  - ``fp8_linear_residual_norm``: the GEMM with the residual epilogue, then ``rms_norm_fp8``
+    of the new stream (proj, and fc2 with the next block's norm1).
 
 ``*_ref`` are the plain-torch statements: quantization by the same formula (torch's own
 fp32 -> e4m3 conversion, which rounds to nearest even), and the GEMM on the dequantized
@@ -29,7 +30,7 @@ operands in fp32 or float64.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,11 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import FP8, FP8_GROUP, check_tensors, fp8_quantize_groups, on_device
+from ._common import FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, on_device
 from .gemm import linear_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
-from .rms_norm import rms_norm
+from . import rms_norm as _rms
 
 OP = "quantize_fp8"
 DEFAULT = {"BLOCK_M": 32, "num_warps": 4}  # 32 rows x one 128-column group per program
@@ -180,60 +181,113 @@ def _(x):
             torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
 
 
-# --- the GEMM ops ----------------------------------------------------------------------------------
+# --- the norm that writes e4m3, and the GEMM ops -----------------------------------------------
+
+class Fp8Activation(NamedTuple):
+    """An activation quantized for the next FP8 GEMM: e4m3 values (..., K), fp32 scales
+    (..., K/128), and the dtype it was rounded to first (the GEMM's output dtype)."""
+    q: torch.Tensor
+    s: torch.Tensor
+    dtype: torch.dtype
+
+
+NORM_OP = "rms_norm_fp8"
+
+
+def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: torch.Tensor, s: torch.Tensor,
+                        config: Optional[dict] = None) -> None:
+    """Check the inputs, then write RMSNorm(x) * weight, rounded to x's dtype, as e4m3 into
+    ``q`` (x's shape) with its 1 x 128 scales into ``s`` (..., N/128): the rms_norm kernel
+    quantizing in registers what it would have stored."""
+    check_tensors(NORM_OP, ("x", x), ("weight", weight))
+    if weight.ndim != 1 or weight.dtype != x.dtype:
+        raise ValueError(f"{NORM_OP}: weight must be 1-D in x's dtype {x.dtype}, got {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    n = weight.shape[0]
+    check_row_width(NORM_OP, "x", n)
+    x2 = as_rows(NORM_OP, "x", x, n)
+    for name, t, dtype, shape in (("q", q, FP8, tuple(x.shape)), ("s", s, torch.float32, (*x.shape[:-1], groups(n)))):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{NORM_OP}: {name} must be a contiguous {shape} {dtype} tensor on {x.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    _rms._launch(NORM_OP, x2, None, None, weight.contiguous(), None, q.view(-1, n), eps, config,
+                 hs=s.view(-1, groups(n)))
+
+
+@torch.library.custom_op("internvit_fast::rms_norm_fp8", mutates_args=())
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(x) * weight as e4m3 with 1 x 128 scales, in one pass over x."""
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    s = torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    rms_norm_fp8_launch(x, weight, eps, q, s)
+    return q, s
+
+
+@rms_norm_fp8.register_fake
+def _(x, weight, eps=1e-6):
+    return (torch.empty(x.shape, dtype=FP8, device=x.device),
+            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+
 
 @torch.library.custom_op("internvit_fast::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ w^T + b with x quantized here and w given quantized: x (..., K) -> (..., N) in x's dtype."""
-    q, s = quantize_fp8(_rows(x))
-    out = torch.empty((q.shape[0], wq.shape[0]), dtype=x.dtype, device=x.device)
-    linear_launch(q, wq, bias, out, "none", a_scale=s, w_scale=ws)
-    return out.view(*x.shape[:-1], wq.shape[0])
+def fp8_linear(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+    """(q s) @ (wq ws)^T + b in ``dtype`` for quantized activations q (..., K) (qkv)."""
+    q2 = _rows(q)
+    out = torch.empty((q2.shape[0], wq.shape[0]), dtype=dtype, device=q.device)
+    linear_launch(q2, wq, bias, out, "none", a_scale=_rows(s), w_scale=ws)
+    return out.view(*q.shape[:-1], wq.shape[0])
 
 
 @fp8_linear.register_fake
-def _(x, wq, ws, bias):
-    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+def _(q, s, wq, ws, bias, dtype):
+    return torch.empty((*q.shape[:-1], wq.shape[0]), dtype=dtype, device=q.device)
 
 
 @torch.library.custom_op("internvit_fast::fp8_linear_gelu", mutates_args=())
-def fp8_linear_gelu(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                    bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GELU(x @ w^T + b), rounded to x's dtype, as e4m3 with its 1 x 128 scales (fc1's output
-    quantized in the GEMM's epilogue, ready for fc2)."""
-    q, s = quantize_fp8(_rows(x))
-    m, n = q.shape[0], wq.shape[0]
-    out = torch.empty((m, n), dtype=FP8, device=x.device)
-    out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=x.device)
-    linear_launch(q, wq, bias, out, "gelu", a_scale=s, w_scale=ws, out_scale=out_s, act_dtype=x.dtype)
-    return out.view(*x.shape[:-1], n), out_s.view(*x.shape[:-1], groups(n))
+def fp8_linear_gelu(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                    bias: Optional[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GELU((q s) @ (wq ws)^T + b), rounded to ``dtype``, as e4m3 with its 1 x 128 scales (fc1's
+    output quantized in the GEMM's epilogue, ready for fc2)."""
+    q2 = _rows(q)
+    m, n = q2.shape[0], wq.shape[0]
+    out = torch.empty((m, n), dtype=FP8, device=q.device)
+    out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=q.device)
+    linear_launch(q2, wq, bias, out, "gelu", a_scale=_rows(s), w_scale=ws, out_scale=out_s, act_dtype=dtype)
+    return out.view(*q.shape[:-1], n), out_s.view(*q.shape[:-1], groups(n))
 
 
 @fp8_linear_gelu.register_fake
-def _(x, wq, ws, bias):
+def _(q, s, wq, ws, bias, dtype):
     n = wq.shape[0]
-    return (torch.empty((*x.shape[:-1], n), dtype=FP8, device=x.device),
-            torch.empty((*x.shape[:-1], groups(n)), dtype=torch.float32, device=x.device))
+    return (torch.empty((*q.shape[:-1], n), dtype=FP8, device=q.device),
+            torch.empty((*q.shape[:-1], groups(n)), dtype=torch.float32, device=q.device))
 
 
 @torch.library.custom_op("internvit_fast::fp8_linear_residual_norm", mutates_args=())
 def fp8_linear_residual_norm(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                              bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor], x: torch.Tensor,
                              norm_weight: Optional[torch.Tensor], eps: float = 1e-6
-                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x_new, h): x_new = x + gamma * ((q s) @ (wq ws)^T + b) with upstream's rounding points,
-    h = RMSNorm(x_new) * norm_weight (empty without norm_weight)."""
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_new, hq, hs): x_new = x + gamma * ((q s) @ (wq ws)^T + b) with upstream's rounding
+    points; (hq, hs) = RMSNorm(x_new) * norm_weight as e4m3 with scales, for the next GEMM
+    (empty without norm_weight)."""
     x2 = _rows(x)
     x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     linear_launch(_rows(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=_rows(s), w_scale=ws)
     x_new = x_new.view(x.shape)
-    h = rms_norm(x_new, norm_weight, eps) if norm_weight is not None else x.new_empty(0)
-    return x_new, h
+    if norm_weight is None:
+        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+    hq, hs = rms_norm_fp8(x_new, norm_weight, eps)
+    return x_new, hq, hs
 
 
 @fp8_linear_residual_norm.register_fake
 def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
-    return x.new_empty(x.shape), (x.new_empty(x.shape) if norm_weight is not None else x.new_empty(0))
+    if norm_weight is None:
+        return x.new_empty(x.shape), x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+    return (x.new_empty(x.shape), torch.empty(x.shape, dtype=FP8, device=x.device),
+            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
 
 
 # --- what the tools need to know (registry) ----------------------------------------------
@@ -431,3 +485,49 @@ QKV_SPEC = _fp8_spec("none")
 GELU_SPEC = _fp8_spec("gelu")
 PROJ_SPEC = _fp8_spec("residual", "proj")
 FC2_SPEC = _fp8_spec("residual", "fc2")
+
+
+def _norm_inputs(s: Shape, device) -> dict:
+    x = registry.rand((s.rows, s.width), s.dtype, device, 3.0)
+    w = registry.rand((s.width,), s.dtype, device, 1.0, 1.0)
+    w[:: max(1, s.width // 3)] *= 50  # outlier channels: their groups get their own scales
+    return dict(x=x, weight=w, eps=1e-6)
+
+
+def _norm_ref(i: dict) -> dict:
+    return dict(zip(("q", "s"), quantize_ref(_rms.rms_norm_ref(i["x"], i["weight"], i["eps"]))))
+
+
+def _norm_judge(got: dict, i: dict) -> None:
+    """Equality: the norm's bf16 row is upstream's bit for bit, and its quantization exact."""
+    want = _norm_ref(i)
+    assert torch.equal(got["s"], want["s"]), f"{NORM_OP}: scales differ from the reference"
+    assert torch.equal(got["q"].view(torch.uint8), want["q"].view(torch.uint8)), f"{NORM_OP}: e4m3 values differ"
+
+
+def _norm_plan(x: Meta, target: Target) -> LaunchPlan:
+    rows, n = x.shape
+    metas = {t: x for t in _rms._FWD_TENSORS}
+    metas.update(W=Meta.contiguous((n,), x.dtype), H_OUT=Meta.contiguous((rows, n), FP8),
+                 HS=Meta.contiguous((rows, groups(n)), torch.float32))
+    flags = dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False, QUANT_H=True)
+    return _rms.plan_rows(NORM_OP, metas, 1e-6, flags, target)
+
+
+NORM_SPEC = KernelSpec(
+    name=NORM_OP,
+    math="(q, s) = quantize(round(x / sqrt(mean(x^2) + eps)) * w) (norm1, norm2 before FP8 GEMMs)",
+    promises_rounding=True,
+    loads_first=True,
+    make_inputs=_norm_inputs,
+    new_outputs=lambda i: {"q": torch.full(i["x"].shape, float("nan"), dtype=FP8, device=i["x"].device),
+                           "s": torch.full((i["x"].shape[0], groups(i["x"].shape[1])), float("nan"),
+                                           device=i["x"].device)},
+    launch=lambda i, o, cfg: rms_norm_fp8_launch(i["x"], i["weight"], i["eps"], o["q"], o["s"], cfg),
+    reference=_norm_ref,
+    plans=lambda target: [_norm_plan(Meta.contiguous((s.rows, s.width), s.dtype), target)
+                          for s in registry.segmentation_shapes()] if fp8_targets(target) else [],
+    plan_for=lambda i, target: _norm_plan(Meta.of(i["x"]), target),
+    candidates=lambda arch: [dict(num_warps=w) for w in ((2, 4) if arch == "smoke" else (4, 8, 16))],
+    judge=_norm_judge,
+)

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
+from ._common import (as_rows, cast, check_row_width, check_tensors, fp8_quantize_groups, on_device, rms_scale_row,
+                      row_launch)
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
 
@@ -71,13 +72,15 @@ def _rms_norm_kernel(
     X_OUT,  # (rows, N) new residual stream (HAS_RESIDUAL)
     H_OUT,  # (rows, N) normalised row (HAS_NORM)
     S,  # (rows,) drop path's per-row scale of the sub-layer output (HAS_ROWSCALE)
+    HS,  # (rows, cdiv(N, 128)) fp32 scales of H_OUT's 1 x 128 groups (QUANT_H), contiguous
     stride_x, stride_y, stride_xo, stride_ho,  # row strides; columns are unit-stride
     N, eps,
-    BLOCK_N: tl.constexpr,  # power of two >= N
+    BLOCK_N: tl.constexpr,  # power of two >= N (and >= 128 with QUANT_H)
     HAS_RESIDUAL: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_ROWSCALE: tl.constexpr = False,
+    QUANT_H: tl.constexpr = False,  # H_OUT in e4m3 with scales (precision="fp8": the next GEMM's input)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -104,11 +107,22 @@ def _rms_norm_kernel(
         tl.store(X_OUT + row * stride_xo + cols, x_new, mask=mask)
         x = x_new.to(tl.float32)
     if HAS_NORM:
-        h = rms_scale_row(x, w, N, eps, X.dtype.element_ty if not HAS_RESIDUAL else X_OUT.dtype.element_ty)
-        tl.store(H_OUT + row * stride_ho + cols, cast(h, H_OUT.dtype.element_ty), mask=mask)
+        act = X.dtype.element_ty if not HAS_RESIDUAL else X_OUT.dtype.element_ty
+        h = rms_scale_row(x, w, N, eps, act)
+        if QUANT_H:
+            # The row as the activation dtype holds it, quantized while in registers: exactly
+            # what quantizing this kernel's bf16 output would give.
+            GROUPS: tl.constexpr = BLOCK_N // 128
+            hb = tl.where(mask, cast(h, act).to(tl.float32), 0.0)
+            q, scale = fp8_quantize_groups(tl.reshape(hb, (GROUPS, 128)))
+            tl.store(H_OUT + row * stride_ho + cols, tl.reshape(q, (BLOCK_N,)), mask=mask)
+            g = tl.arange(0, GROUPS)
+            tl.store(HS + row * tl.cdiv(N, 128) + g, scale, mask=g < tl.cdiv(N, 128))
+        else:
+            tl.store(H_OUT + row * stride_ho + cols, cast(h, H_OUT.dtype.element_ty), mask=mask)
 
 
-_FWD_TENSORS = ("X", "Y", "G", "W", "X_OUT", "H_OUT", "S")
+_FWD_TENSORS = ("X", "Y", "G", "W", "X_OUT", "H_OUT", "S", "HS")
 
 
 def plan_rows(name: str, metas: Dict[str, Meta], eps: float, flags: Dict[str, bool], target: Target,
@@ -120,22 +134,22 @@ def plan_rows(name: str, metas: Dict[str, Meta], eps: float, flags: Dict[str, bo
     rows, n = x.shape
     key = table_key(name, M=rows, N=n, dtype=x.dtype)
     entry = lookup(target, key)
-    launch = row_launch(n, config or (entry or {}).get("config"))
+    launch = row_launch(max(n, 128) if flags.get("QUANT_H") else n, config or (entry or {}).get("config"))
     stride = {t: metas[t].stride[0] for t in ("X", "Y", "X_OUT", "H_OUT")}
-    args = dict({t: metas[t] for t in _FWD_TENSORS}, stride_x=stride["X"], stride_y=stride["Y"],
+    args = dict({t: metas.get(t, x) for t in _FWD_TENSORS}, stride_x=stride["X"], stride_y=stride["Y"],
                 stride_xo=stride["X_OUT"], stride_ho=stride["H_OUT"], N=n, eps=float(eps))
     return LaunchPlan(_rms_norm_kernel, (rows,), args, dict(BLOCK_N=launch["BLOCK_N"], **flags),
                       dict(num_warps=launch["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION), dict(flags),
                       key, entry is not None, f"{name} {x.shape}")
 
 
-def _launch(op: str, x2, y2, g, w, xo, ho, eps, config, s=None):
+def _launch(op: str, x2, y2, g, w, xo, ho, eps, config, s=None, hs=None):
     if not x2.shape[0]:
         return
-    given = dict(X=x2, Y=y2, G=g, W=w, X_OUT=xo, H_OUT=ho, S=s)
+    given = dict(X=x2, Y=y2, G=g, W=w, X_OUT=xo, H_OUT=ho, S=s, HS=hs)
     tensors = {k: v if v is not None else x2 for k, v in given.items()}  # absent: X, kept unread by its flag
     flags = dict(HAS_RESIDUAL=y2 is not None, HAS_GAMMA=g is not None, HAS_NORM=w is not None,
-                 HAS_ROWSCALE=s is not None)
+                 HAS_ROWSCALE=s is not None, QUANT_H=hs is not None)
     plan = plan_rows(op, {k: Meta.of(v) for k, v in tensors.items()}, eps, flags, Target.of(x2.device), config)
     with on_device(x2):
         plan.run(**tensors)
@@ -440,8 +454,8 @@ def _row_metas(shape: Shape, names, dtypes=None) -> Dict[str, Meta]:
 # The variants the fast path launches: the plain norm; residual + LayerScale with and without
 # the next norm (the last block), with and without drop path's row scale (training); without
 # LayerScale for a model built with init_values=0.
-_FWD_VARIANTS = [dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False)] + [
-    dict(HAS_RESIDUAL=True, HAS_GAMMA=g, HAS_NORM=n, HAS_ROWSCALE=r)
+_FWD_VARIANTS = [dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False, QUANT_H=False)] + [
+    dict(HAS_RESIDUAL=True, HAS_GAMMA=g, HAS_NORM=n, HAS_ROWSCALE=r, QUANT_H=False)
     for g in (True, False) for n in (True, False) for r in (False, True)]
 
 

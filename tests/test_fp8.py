@@ -156,8 +156,10 @@ def test_fast_fp8_path_computes_the_reference_fp8_model(device):
     from internvit_fast.kernels.launch import recording
     with recording() as plans:
         got = _features(m, x)
-    assert {"quantize_fp8", "fp8_linear", "fp8_linear_gelu", "fp8_linear_residual"} <= {
-        p.tuned_key[0] for p in plans}
+    # the norms write e4m3 themselves; only the attention output goes through the quantizer
+    assert {p.tuned_key[0] for p in plans} == {"rms_norm_fp8", "qk_norm", "quantize_fp8", "fp8_linear",
+                                               "fp8_linear_gelu", "fp8_linear_residual"}
+    assert sum(p.tuned_key[0] == "quantize_fp8" for p in plans) == m.depth
     exact = _features(_model().double().to(device), x)  # (the same seed: the same weights)
     for g, r, e in zip(got, ref, exact):
         assert (g - r).norm() / r.norm() < 2e-3, "the fast FP8 path strays from the reference FP8 model"

@@ -271,13 +271,13 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
                                                   ) + ["tuned-smoke.json"]
     res = json.load(open(path))
     assert [s["name"] for s in res["stages"]] == [
-        "ceilings", "backbone-b4", "parity", "fused-vs-unfused-b4", "tune", "backbone-b4-tuned", "profile",
+        "ceilings", "backbone-b4", "parity", "fp8-b4", "fused-vs-unfused-b4", "tune", "backbone-b4-tuned", "profile",
         "segmentation", "training"]
     assert res["stages_done"] == [s["name"] for s in res["stages"]] and res["stages_not_reached"] == []
     assert all(s["seconds"] > 0 and s["estimate_s"] > 0 for s in res["stages"])  # real seconds beside estimates
     assert res["ceilings"]["copy_gbs"] > 0 and res["ceilings"]["matmul_tflops"] > 0
-    assert {c["check"] for c in res["checks"]} == {"full_size_parity", "profile"}
-    assert {r["path"] for r in res["backbone"]} == {"reference", "fast", "compile-default", "compile-fast"}
+    assert {c["check"] for c in res["checks"]} == {"full_size_parity", "profile", "fp8_features"}
+    assert {r["path"] for r in res["backbone"]} == {"reference", "fast", "compile-default", "compile-fast", "fast-fp8"}
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 and r["tflops"] > 0 for r in res["backbone"])
     kernels = {(k["group"], k["impl"]) for k in res["kernels"]}
     assert {("linear_gelu b1", "fused"), ("linear_gelu b1", "unfused"), ("rms_norm b1", "triton")} <= kernels
@@ -286,7 +286,7 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert any(0 < r.get("head_share", 0) <= 1 for r in res["slide"])  # the native UPerHead's share
     assert {r["path"] for r in res["training"]} == {"reference", "fast"}
     md = open(stem + ".md").read()
-    assert "Whole-image slide inference" in md and "| backbone-b4 | done |" in md
+    assert "Whole-image slide inference" in md and "| backbone-b4 | done |" in md and "precision='fp8'" in md
     # measured / predicted beside each batch-4 kernel (predictions need sm_90 builds: a GPU run's)
     from benchmarks.gpu_run import markdown
     res.update(card="NVIDIA H200", predicted_us={"linear_gelu": {"h100": 800.0, "h200": 1000.0}},
