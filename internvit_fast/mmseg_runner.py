@@ -146,6 +146,17 @@ def load_segmentor_weights(model: nn.Module, path: str) -> None:
     where = os.fspath(path)
     sd = segmentor_state(where)
     own = model.state_dict()
+    if any(v.dtype == torch.float8_e4m3fn for v in own.values()):  # precision="fp8": bf16 weights quantize as copied
+        from .checkpoint import LazyTensor
+        from .fp8 import expand_checkpoint
+        try:
+            sd = expand_checkpoint(sd, own, lambda shape, dtype, read: LazyTensor(shape, dtype, read, where))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    for k in sd:
+        if k in own and sd[k].dtype == torch.float8_e4m3fn and own[k].dtype != torch.float8_e4m3fn:
+            raise CheckpointError(f"{where}: {k} is an FP8 (e4m3) weight; it loads only into a model built with "
+                                  "precision='fp8'")
     for k in own:
         if k not in sd:
             raise CheckpointError(f"{where}: does not fit the model: it lacks {k!r} (and {len(set(own) - set(sd)) - 1} "

@@ -347,7 +347,7 @@ FP8_CONFIGS = {
     # at 128 rows; 64 rows do not spill.
     "sm90_fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EPI_SPLIT=1, num_warps=4, num_stages=4),
     "sm89": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=1, num_warps=8, num_stages=3),
-    "interpreter": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=2, EPI_SPLIT=1, num_warps=4, num_stages=1),
+    "interpreter": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=2, EPI_SPLIT=1, num_warps=4, num_stages=1),
 }
 # The activation dtype's code for the kernel's ACT (what a quantized output rounds to first).
 ACT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

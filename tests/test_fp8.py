@@ -295,3 +295,20 @@ def test_precision_check_prints_the_table(capsys):
     assert [r["out_index"] for r in out["rows"]] == [0, 1, 2, 3] and out["fast"]
     for r in out["rows"]:
         assert 0 < r["fp8_vs_float64"]["rel"] < 0.05 and r["fp8_vs_bf16"]["cos"] > 0.999
+
+
+def test_mmseg_runner_loads_bf16_into_fp8_and_refuses_fp8_into_bf16(tmp_path):
+    pytest.importorskip("mmengine")
+    from safetensors.torch import save_file
+
+    from internvit_fast.mmseg_runner import load_segmentor_weights
+    src = _model()
+    torch.save({"state_dict": src.state_dict(), "meta": {}}, tmp_path / "bf16.pth")
+    dst = InternViT6B(**CFG, precision="fp8")
+    load_segmentor_weights(dst, str(tmp_path / "bf16.pth"))
+    want = _fp8_copy(src)
+    assert torch.equal(dst.blocks[3].mlp.fc1.weight.view(torch.uint8), want.blocks[3].mlp.fc1.weight.view(torch.uint8))
+    assert torch.equal(dst.blocks[3].mlp.fc1.weight_scale, want.blocks[3].mlp.fc1.weight_scale)
+    save_file({k: v.contiguous() for k, v in want.state_dict().items()}, str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(CheckpointError, match="loads only into a model built with precision='fp8'"):
+        load_segmentor_weights(InternViT6B(**CFG), str(tmp_path / "fp8.safetensors"))

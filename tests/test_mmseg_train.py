@@ -3,6 +3,7 @@ than one process (DDP and FSDP on CPU with gloo), sharded checkpoints, the train
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -302,6 +303,16 @@ def test_train_and_test_entry_points(tmp_path):
                         "--work-dir", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "mIoU" in p.stdout + p.stderr
+    loaded = re.findall(r"loaded (\d+) tensors into the segmentor", p.stdout + p.stderr)
+    # the same checkpoint (bf16) tested with the backbone in FP8: quantized as it loads
+    p = subprocess.run([sys.executable, "-m", "internvit_fast.mmseg", "test", str(cfg_path), str(work / "iter_2.pth"),
+                        "--work-dir", str(work), "--precision", "fp8"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "mIoU" in p.stdout + p.stderr
+    loaded8 = re.findall(r"loaded (\d+) tensors into the segmentor", p.stdout + p.stderr)
+    depth = 4  # (TINY's backbone) one weight_scale more for each of a block's four linear layers
+    assert loaded and loaded8 and int(loaded8[0]) == int(loaded[0]) + 4 * depth, (loaded, loaded8)
     bad = subprocess.run([sys.executable, "-m", "internvit_fast.mmseg", "test", str(cfg_path), "/nonexistent.pth"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert bad.returncode == 2 and "checkpoint /nonexistent.pth: no such file or folder" in bad.stderr
