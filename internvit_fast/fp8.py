@@ -81,7 +81,10 @@ class Fp8Linear(nn.Module):
                               error_msgs):
         # A full-precision weight (any published checkpoint) is quantized as it loads.
         w = state_dict.get(prefix + "weight")
-        if isinstance(w, torch.Tensor) and w.dtype != FP8 and prefix + SCALE not in state_dict:
+        if isinstance(w, torch.Tensor) and w.dtype != FP8 and prefix + SCALE in state_dict:
+            error_msgs.append(f"{prefix}weight: a {w.dtype} weight with a {SCALE} (only e4m3 weights carry scales)")
+            return
+        if isinstance(w, torch.Tensor) and w.dtype != FP8:
             if not w.is_floating_point() or tuple(w.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"{prefix}weight: cannot quantize a {w.dtype} {tuple(w.shape)} tensor into "
                                   f"Fp8Linear({self.in_features}, {self.out_features})")

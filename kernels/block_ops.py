@@ -41,12 +41,15 @@ def _needs_grad(*tensors) -> bool:
 
 def _fp8(layer: nn.Module, *tensors, rowscale: Optional[torch.Tensor] = None) -> bool:
     """Whether ``layer`` holds an e4m3 weight with block scales (internvit_fast.fp8.Fp8Linear):
-    then the op runs the FP8 kernels, which are for inference only (no gradient through
-    ``tensors``, no drop path's ``rowscale``)."""
+    then the op runs the FP8 kernels, which are for inference only (no drop path's
+    ``rowscale``; ``tensors``, the op's activations, are not inspected)."""
     if getattr(layer, "weight_scale", None) is None:
         return False
-    if rowscale is not None or _needs_grad(*tensors):
-        raise RuntimeError("precision='fp8' is for inference: no gradients, no drop path (call model.eval())")
+    # eval() with gradients enabled runs (activations then require grad through the frozen
+    # patch embedding; the FP8 ops have no backward, so a backward through them raises);
+    # training mode is refused earlier (InternViT6B.forward_features), drop path here.
+    if rowscale is not None:
+        raise RuntimeError("precision='fp8' is for inference: no drop path (call model.eval())")
     return True
 
 
@@ -61,7 +64,7 @@ def _quantized(h) -> Fp8Activation:
 def norm_input(x: torch.Tensor, norm: nn.Module, layer: nn.Module):
     """``norm(x)`` as the input of ``layer``: for an FP8 layer e4m3 with scales from the norm
     kernel itself (an Fp8Activation), else the activation."""
-    if _fp8(layer, x, norm.weight):
+    if _fp8(layer, x):
         return Fp8Activation(*rms_norm_fp8(x, norm.weight, norm.eps), x.dtype)
     return rms_norm(x, norm.weight, norm.eps)
 
@@ -85,7 +88,7 @@ def attention_residual(a: torch.Tensor, proj: nn.Linear, gamma: Optional[torch.T
     """(x + rowscale * gamma * proj(a), norm of it): the attention half's residual and the norm
     that follows (norm2). ``norm`` None: no norm (h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
-    if _fp8(proj, a, x, gamma, nw, rowscale=rowscale):
+    if _fp8(proj, a, x, rowscale=rowscale):  # (activations only: eval() without no_grad runs)
         a8 = _quantized(a)
         return _next(*fp8_linear_residual_norm(a8.q, a8.s, proj.weight, proj.weight_scale, proj.bias, gamma, x, nw,
                                                eps), nw)
@@ -102,7 +105,7 @@ def mlp_residual(h: torch.Tensor, mlp: nn.Module, gamma: Optional[torch.Tensor],
     block's norm1 (``norm`` None for the last block: h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if _fp8(fc1, x, gamma, nw, rowscale=rowscale):
+    if _fp8(fc1, x, rowscale=rowscale):
         h8 = _quantized(h)
         u, su = fp8_linear_gelu(h8.q, h8.s, fc1.weight, fc1.weight_scale, fc1.bias, h8.dtype)
         return _next(*fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps), nw)

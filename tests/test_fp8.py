@@ -146,10 +146,12 @@ def _fp8_copy(m: InternViT6B, **kw) -> InternViT6B:
     return new
 
 
-def test_fast_fp8_path_computes_the_reference_fp8_model(device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fast_fp8_path_computes_the_reference_fp8_model(device, dtype):
     """The kernels (quantize, FP8 GEMMs with their epilogues) against Fp8Linear's plain torch,
-    on the same FP8 model: only the GEMMs' fp32 summation order differs."""
-    m = _fp8_copy(_model()).to(device)
+    on the same FP8 model: only the GEMMs' fp32 summation order differs. In eval() with
+    gradients enabled (no torch.no_grad): the inference path runs."""
+    m = _fp8_copy(_model(dtype)).to(device)
     x = torch.randn(2, 3, 56, 56, device=device)
     ref = _features(m, x)
     m.fast = True
@@ -160,6 +162,8 @@ def test_fast_fp8_path_computes_the_reference_fp8_model(device):
     assert {p.tuned_key[0] for p in plans} == {"rms_norm_fp8", "qk_norm", "quantize_fp8", "fp8_linear",
                                                "fp8_linear_gelu", "fp8_linear_residual"}
     assert sum(p.tuned_key[0] == "quantize_fp8" for p in plans) == m.depth
+    with torch.enable_grad():
+        assert all(torch.isfinite(f).all() for f in m.eval()(x.to(dtype)))
     exact = _features(_model().double().to(device), x)  # (the same seed: the same weights)
     for g, r, e in zip(got, ref, exact):
         assert (g - r).norm() / r.norm() < 2e-3, "the fast FP8 path strays from the reference FP8 model"
@@ -246,6 +250,26 @@ def test_fp8_needs_fp8_tensor_cores(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
     with pytest.raises(RuntimeError, match="sm_89 or later.*sm_80"):
         model_fp8.check_card(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("width", [384, 3200])  # 3 and 25 scale groups in a block of 4 and 32
+def test_norm_writes_scales_of_every_group_and_no_more(device, width):
+    x = torch.randn(5, width, device=device).to(torch.bfloat16)
+    w = (torch.randn(width, device=device) + 1).to(torch.bfloat16)
+    s = torch.full((5, K.groups(width) + 1), -7.0, device=device)  # one column past the scales: untouched
+    q = torch.empty(5, width, dtype=FP8, device=device)
+    K.rms_norm_fp8_launch(x, w, 1e-6, q, s[:, :-1].contiguous())
+    got_q, got_s = K.rms_norm_fp8(x, w)
+    want_q, want_s = K.quantize_ref(K._rms.rms_norm_ref(x, w, 1e-6))
+    assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.all(s[:, -1] == -7.0)
+
+
+def test_bf16_weight_with_a_scale_is_refused_by_load_state_dict():
+    sd = _fp8_copy(_model()).state_dict()
+    sd["blocks.0.mlp.fc1.weight"] = _model().state_dict()["blocks.0.mlp.fc1.weight"]
+    with pytest.raises(RuntimeError, match="only e4m3 weights carry scales"):
+        InternViT6B(**CFG, precision="fp8").load_state_dict(sd)
 
 
 def test_bf16_checkpoint_loads_into_an_fp8_model_quantized(tmp_path):
