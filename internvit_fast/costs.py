@@ -46,10 +46,10 @@ def counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
         b = 6 * rows * width * el
         return b, b, 0
     if spec_id == "rms_norm_fp8":  # reads a row and the weight, writes e4m3 bytes and a scale per 128
-        b = rows * width * (el + 1) + rows * -(-width // 128) * 4 + width * el
+        b = rows * width * (el + 1) + rows * triton.cdiv(width, 128) * 4 + width * el
         return b, b, 0
     if spec_id == "quantize_fp8":  # reads a row, writes its e4m3 bytes and a scale per 128
-        b = rows * width * (el + 1) + rows * -(-width // 128) * 4
+        b = rows * width * (el + 1) + rows * triton.cdiv(width, 128) * 4
         return b, b, 0
     if spec_id.startswith("fp8_"):
         return _fp8_counts(spec_id, s, plan)

@@ -157,6 +157,16 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 FP8_GROUP = 128  # activations are scaled per 1 x 128 group along a row, weights per 128 x 128 block
 
 
+def groups(n: int) -> int:
+    """Scale groups along n values (the last one may be partial)."""
+    return -(-n // FP8_GROUP)
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) as (rows, K) (a view where the layout allows)."""
+    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
+
+
 @triton.jit
 def fp8_scale(amax):
     """(scale, 1 / scale) for a group whose largest magnitude is ``amax`` (fp32, >= 0): the

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemm, registry
+from ._common import rows_of
 from .fp8 import Fp8Activation, fp8_linear, fp8_linear_gelu, fp8_linear_residual_norm, quantize_fp8, rms_norm_fp8
 from .gelu import gelu, gelu_launch
 from .gemm import TABLE_NAME, linear_launch, linear_ref
@@ -117,12 +118,8 @@ def mlp_residual(h: torch.Tensor, mlp: nn.Module, gamma: Optional[torch.Tensor],
 
 # --- the fused ops and their unfused alternatives ------------------------------------------------
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
-
-
 def gelu_fused(a, weight, bias, config=None):
-    a2 = _rows(a)
+    a2 = rows_of(a)
     out = torch.empty((a2.shape[0], weight.shape[0]), dtype=a.dtype, device=a.device)
     linear_launch(a2, weight, bias, out, "gelu", config=config)
     return out.view(*a.shape[:-1], weight.shape[0])
@@ -149,7 +146,7 @@ def _(a, weight, bias):
 
 
 def residual_fused(a, weight, bias, gamma, x, norm_weight, eps, config=None):
-    a2, x2 = _rows(a), _rows(x)
+    a2, x2 = rows_of(a), rows_of(x)
     x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     linear_launch(a2, weight, bias, x_new, "residual", gamma=gamma, residual=x2, config=config)
     x_new = x_new.view(x.shape)
@@ -235,7 +232,7 @@ def _mlp_backward(ctx, dx_new, dh_next, _dpre, _dy):
     h, w1, w2, pre, y, gamma, x_new, norm_weight, rowscale = ctx.saved_tensors
     from .rms_norm import residual_backward
     dx, dy, dgamma, dnw = residual_backward(x_new, y, gamma, norm_weight, rowscale, ctx.eps, dx_new, dh_next)
-    dy2, pre2, h2 = _rows(dy), _rows(pre), _rows(h)
+    dy2, pre2, h2 = rows_of(dy), rows_of(pre), rows_of(h)
     dpre = linear_gelu_grad(dy2, w2, pre2)
     u = gelu(pre2)  # recomputed, not kept
     dw2, db2 = dy2.t() @ u, dy2.sum(0) if ctx.has_b2 else None

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, on_device
+from ._common import (FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, groups, on_device,
+                      rows_of)
 from .gemm import linear_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
@@ -46,10 +47,6 @@ from . import rms_norm as _rms
 
 OP = "quantize_fp8"
 DEFAULT = {"BLOCK_M": 32, "num_warps": 4}  # 32 rows x one 128-column group per program
-
-
-def groups(n: int) -> int:
-    return -(-n // FP8_GROUP)
 
 
 # --- the torch reference --------------------------------------------------------------------
@@ -161,14 +158,10 @@ def quantize_launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: O
             plan.run(X=x, Q=q, S=s)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
-
-
 @torch.library.custom_op("internvit_fast::quantize_fp8", mutates_args=())
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (e4m3 (..., K), fp32 scales (..., K/128)) through the kernel."""
-    x2 = _rows(x)
+    x2 = rows_of(x)
     q = torch.empty(x2.shape, dtype=FP8, device=x.device)
     s = torch.empty((x2.shape[0], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
     quantize_launch(x2, q, s)
@@ -233,9 +226,9 @@ def _(x, weight, eps=1e-6):
 def fp8_linear(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor],
                dtype: torch.dtype) -> torch.Tensor:
     """(q s) @ (wq ws)^T + b in ``dtype`` for quantized activations q (..., K) (qkv)."""
-    q2 = _rows(q)
+    q2 = rows_of(q)
     out = torch.empty((q2.shape[0], wq.shape[0]), dtype=dtype, device=q.device)
-    linear_launch(q2, wq, bias, out, "none", a_scale=_rows(s), w_scale=ws)
+    linear_launch(q2, wq, bias, out, "none", a_scale=rows_of(s), w_scale=ws)
     return out.view(*q.shape[:-1], wq.shape[0])
 
 
@@ -249,11 +242,11 @@ def fp8_linear_gelu(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torc
                     bias: Optional[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """GELU((q s) @ (wq ws)^T + b), rounded to ``dtype``, as e4m3 with its 1 x 128 scales (fc1's
     output quantized in the GEMM's epilogue, ready for fc2)."""
-    q2 = _rows(q)
+    q2 = rows_of(q)
     m, n = q2.shape[0], wq.shape[0]
     out = torch.empty((m, n), dtype=FP8, device=q.device)
     out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=q.device)
-    linear_launch(q2, wq, bias, out, "gelu", a_scale=_rows(s), w_scale=ws, out_scale=out_s, act_dtype=dtype)
+    linear_launch(q2, wq, bias, out, "gelu", a_scale=rows_of(s), w_scale=ws, out_scale=out_s, act_dtype=dtype)
     return out.view(*q.shape[:-1], n), out_s.view(*q.shape[:-1], groups(n))
 
 
@@ -272,9 +265,9 @@ def fp8_linear_residual_norm(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor,
     """(x_new, hq, hs): x_new = x + gamma * ((q s) @ (wq ws)^T + b) with upstream's rounding
     points; (hq, hs) = RMSNorm(x_new) * norm_weight as e4m3 with scales, for the next GEMM
     (empty without norm_weight)."""
-    x2 = _rows(x)
+    x2 = rows_of(x)
     x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    linear_launch(_rows(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=_rows(s), w_scale=ws)
+    linear_launch(rows_of(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=rows_of(s), w_scale=ws)
     x_new = x_new.view(x.shape)
     if norm_weight is None:
         return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
@@ -511,7 +504,7 @@ def _norm_plan(x: Meta, target: Target) -> LaunchPlan:
     metas.update(W=Meta.contiguous((n,), x.dtype), H_OUT=Meta.contiguous((rows, n), FP8),
                  HS=Meta.contiguous((rows, groups(n)), torch.float32))
     flags = dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False, QUANT_H=True)
-    return _rms.plan_rows(NORM_OP, metas, 1e-6, flags, target)
+    return _rms.planrows_of(NORM_OP, metas, 1e-6, flags, target)
 
 
 NORM_SPEC = KernelSpec(

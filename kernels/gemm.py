@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, FP8, FP8_GROUP, INTERPRET, cast, check_tensors, fp8_quantize_groups, on_device
+from ._common import FLOAT_DTYPES, FP8, FP8_GROUP, INTERPRET, groups, cast, check_tensors, fp8_quantize_groups, on_device
 from .gelu import gelu_grad, gelu_value
 from .launch import Desc, LaunchPlan, Meta, Target, lookup, table_key
 
@@ -491,7 +491,6 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     for name, t in (("out", out), ("pre" if epilogue == "gelu_grad" else "residual", residual)):
         if t is not None and t.shape != (m, n):
             raise ValueError(f"{op}: {name} must have shape ({m}, {n}), got {tuple(t.shape)}")
-    groups = lambda d: -(-d // FP8_GROUP)  # noqa: E731
     for name, t, shape in (("a_scale", a_scale, (m, groups(k))), ("w_scale", w_scale, (groups(n), groups(k))),
                            ("out_scale", out_scale, (m, groups(n)))):
         if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
