@@ -504,7 +504,7 @@ def _norm_plan(x: Meta, target: Target) -> LaunchPlan:
     metas.update(W=Meta.contiguous((n,), x.dtype), H_OUT=Meta.contiguous((rows, n), FP8),
                  HS=Meta.contiguous((rows, groups(n)), torch.float32))
     flags = dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False, QUANT_H=True)
-    return _rms.planrows_of(NORM_OP, metas, 1e-6, flags, target)
+    return _rms.plan_rows(NORM_OP, metas, 1e-6, flags, target)
 
 
 NORM_SPEC = KernelSpec(
