@@ -111,17 +111,16 @@ def timed(model, img, repeats):
 
 
 def main(argv=None) -> int:
+    command_line = argv is None  # only then may the process start again in the interpreter
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["segment"]:  # python -m internvit_fast segment ...: masks for images
         from .segment import main as segment
-        return segment(argv[1:])
+        return segment(None if command_line else argv[1:])
     args = parse(argv)
     device, cfg = args.device, dict(PRESETS[args.config])
-    wants_fast = args.paths in ("both", "fast")
-    if wants_fast and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        # The kernels read TRITON_INTERPRET when they are imported: start again with it on.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "internvit_fast", *argv], env)
+    if command_line and args.paths in ("both", "fast") and device.type == "cpu":
+        from .fast_path import restart_in_interpreter
+        restart_in_interpreter("internvit_fast")
 
     from . import InternViT6B
     from .presets import flops_per_image

@@ -361,8 +361,8 @@ def _check_tensor(k: str, v: Entry, into: Optional[torch.dtype] = None) -> None:
         dtype = v.dtype
     if dtype == torch.float8_e4m3fn:
         if into != torch.float8_e4m3fn:
-            raise CheckpointError(f"{k}: is an FP8 (e4m3) weight; it loads only into a model built with "
-                                  "precision='fp8'")
+            raise CheckpointError(f"{k}: is an FP8 (e4m3) tensor; e4m3 loads only into the blocks' linear weights "
+                                  "(attn.qkv, attn.proj, mlp.fc1, mlp.fc2) of a model built with precision='fp8'")
         return
     if dtype not in _FLOATS and not (dtype in _COUNTS and into in _COUNTS):
         raise CheckpointError(f"{k}: has dtype {dtype}; only floating-point tensors load"

@@ -16,7 +16,7 @@ one) loads into an FP8 model, quantized as it loads; a saved FP8 state_dict (wei
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -80,7 +80,12 @@ class Fp8Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A full-precision weight (any published checkpoint) is quantized as it loads.
-        w = state_dict.get(prefix + "weight")
+        w, scale = state_dict.get(prefix + "weight"), state_dict.get(prefix + SCALE)
+        if isinstance(w, torch.Tensor) and w.dtype == FP8 and isinstance(scale, torch.Tensor):
+            problem = scale_problem(scale, (self.out_features, self.in_features))
+            if problem:
+                error_msgs.append(f"{prefix}weight: {problem}")
+                return
         if isinstance(w, torch.Tensor) and w.dtype != FP8 and prefix + SCALE in state_dict:
             error_msgs.append(f"{prefix}weight: a {w.dtype} weight with a {SCALE} (only e4m3 weights carry scales)")
             return
@@ -96,6 +101,27 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+def scale_problem(scale, weight_shape) -> Optional[str]:
+    """What is wrong with a weight's stored scales, or None. The format's scales are powers of
+    two 2^e, -126 <= e <= 127, one per 128 x 128 block in fp32, as the quantizer writes them:
+    with any other value the two paths no longer compute the same thing (the reference
+    dequantizes q * s, the kernels scale the product; both exact only for powers of two), and
+    a zero, negative or NaN scale is a broken layer that would load without a word."""
+    want = (groups(weight_shape[0]), groups(weight_shape[1]))
+    if scale.dtype != torch.float32:
+        return f"{SCALE} has dtype {scale.dtype}, expected torch.float32"
+    if tuple(scale.shape) != want:
+        return f"{SCALE} has shape {tuple(scale.shape)}, expected {want} for a {tuple(weight_shape)} weight"
+    bits = scale.view(torch.int32)
+    exponent = bits >> 23  # the sign bit makes it negative
+    bad = ((bits & 0x7FFFFF) != 0) | (exponent < 1) | (exponent > 254)
+    if bool(bad.any()):
+        first = scale.flatten()[bad.flatten()][0].item()
+        return (f"{SCALE} holds {int(bad.sum())} value(s) that are not a power of two in [2^-126, 2^127] "
+                f"(the first: {first!r}); this file was not written by this quantizer or is damaged")
+    return None
 
 
 def _parent(block: nn.Module, path: str):
@@ -130,16 +156,22 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
     """Checkpoint entries for a model with Fp8Linear layers: each full-precision weight that
     lands on an e4m3 one is quantized when it is copied (``lazy(shape, dtype, read)`` makes the
     deferred entry), its scales right after it from the same quantization; an e4m3 weight must
-    come with its scales. Raises ValueError naming the key."""
-    out = {}
+    come with its scales, which are read and checked here (a few KB: before anything is
+    copied). Raises ValueError naming the key."""
+    from .checkpoint import materialize
+    out = {}  # in the file's order, each new scale right after its weight: see part()
     for k, v in sd.items():
-        out[k] = v
+        out.setdefault(k, v)  # (an e4m3 weight's scales may have been read already)
         if not k.endswith(".weight") or k not in own or own[k].dtype != FP8:
             continue
         scale_key = k[: -len("weight")] + SCALE
         if v.dtype == FP8:
             if scale_key not in sd:
                 raise ValueError(f"{k}: an e4m3 weight without its {SCALE}")
+            out[scale_key] = materialize(sd[scale_key])
+            problem = scale_problem(out[scale_key], own[k].shape)
+            if problem:
+                raise ValueError(f"{k}: {problem}")
             continue
         if scale_key in sd:
             raise ValueError(f"{k}: a {v.dtype} weight with a {SCALE} (only e4m3 weights carry scales)")
@@ -147,7 +179,6 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
 
         def part(i, v=v, memo=memo):
             if "qs" not in memo:
-                from .checkpoint import materialize
                 memo["qs"] = quantize_weight(materialize(v))
             return memo["qs"][i] if i == 0 else memo.pop("qs")[i]  # the scales come second: done
 

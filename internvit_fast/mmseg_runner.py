@@ -38,7 +38,7 @@ from mmengine.runner import CheckpointLoader
 from torch import nn
 
 from . import dcp
-from .checkpoint import CheckpointError, _read_torch, materialize, read_state_dict
+from .checkpoint import CheckpointError, _check_tensor, _read_torch, materialize, read_state_dict
 
 logger = logging.getLogger("internvit_fast")
 
@@ -154,9 +154,11 @@ def load_segmentor_weights(model: nn.Module, path: str) -> None:
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
     for k in sd:
-        if k in own and sd[k].dtype == torch.float8_e4m3fn and own[k].dtype != torch.float8_e4m3fn:
-            raise CheckpointError(f"{where}: {k} is an FP8 (e4m3) weight; it loads only into a model built with "
-                                  "precision='fp8'")
+        if k in own:  # dtypes first (an FP8 file into a bf16 model is told so): no integers into floats,
+            try:  # e4m3 only into FP8 weights
+                _check_tensor(k, sd[k], own[k].dtype)
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
     for k in own:
         if k not in sd:
             raise CheckpointError(f"{where}: does not fit the model: it lacks {k!r} (and {len(set(own) - set(sd)) - 1} "

@@ -61,11 +61,9 @@ def main(argv=None) -> int:
     if args.batch < 1:
         ap.error("--batch must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        # The kernels read TRITON_INTERPRET when they are imported: start again with it on.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "internvit_fast.precision_check",
-                                   *(sys.argv[1:] if argv is None else argv)], env)
+    if argv is None and device.type == "cpu":  # the command line: the kernels in the interpreter
+        from .fast_path import restart_in_interpreter
+        restart_in_interpreter("internvit_fast.precision_check")
     config = args.config or ("upernet" if device.type == "cuda" else "small")
     cfg = dict(PRESETS[config], with_fpn=False)  # the ViT's own features
     from . import InternViT6B

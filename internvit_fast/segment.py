@@ -192,12 +192,10 @@ def _stems(paths: List[str], out: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap, args = parse(argv)
-    if args.fast and args.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        # The kernels read TRITON_INTERPRET when they are imported: start again with it on.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "internvit_fast", "segment",
-                                   *(sys.argv[2:] if argv is None else argv)], env)
+    ap, args = parse(sys.argv[2:] if argv is None else argv)
+    if argv is None and args.fast and args.device.type == "cpu":  # python -m internvit_fast segment ...
+        from .fast_path import restart_in_interpreter
+        restart_in_interpreter("internvit_fast")
     try:
         from PIL import Image  # noqa: F401
         from tqdm import tqdm

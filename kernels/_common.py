@@ -51,7 +51,7 @@ def interpreter_problem() -> str:
         _interpreter_probe[(1,)](x, 3)
     except Exception as e:  # noqa: BLE001 - InterpreterError and whatever it wraps
         return (f"Triton's interpreter cannot run here: triton {triton.__version__} with numpy "
-                f"{numpy.__version__} fails ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}). "
+                f"{numpy.__version__} fails ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]}). "
                 "triton 3.6's interpreter needs numpy < 2.3 (pip install 'numpy<2.3'); "
                 "triton 3.9's works with numpy 2.4")
     if x[0].item() != 3.0:

@@ -40,18 +40,13 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fp8(layer: nn.Module, *tensors, rowscale: Optional[torch.Tensor] = None) -> bool:
+def _fp8(layer: nn.Module) -> bool:
     """Whether ``layer`` holds an e4m3 weight with block scales (internvit_fast.fp8.Fp8Linear):
-    then the op runs the FP8 kernels, which are for inference only (no drop path's
-    ``rowscale``; ``tensors``, the op's activations, are not inspected)."""
-    if getattr(layer, "weight_scale", None) is None:
-        return False
-    # eval() with gradients enabled runs (activations then require grad through the frozen
-    # patch embedding; the FP8 ops have no backward, so a backward through them raises);
-    # training mode is refused earlier (InternViT6B.forward_features), drop path here.
-    if rowscale is not None:
-        raise RuntimeError("precision='fp8' is for inference: no drop path (call model.eval())")
-    return True
+    then the op runs the FP8 kernels. They have no backward: training with gradients is
+    refused earlier (InternViT6B.forward_features); what runs here is inference, or train
+    mode without gradients into the blocks (freeze_vit, torch.no_grad()), where drop path
+    still draws its row scale."""
+    return getattr(layer, "weight_scale", None) is not None
 
 
 def _quantized(h) -> Fp8Activation:
@@ -65,7 +60,7 @@ def _quantized(h) -> Fp8Activation:
 def norm_input(x: torch.Tensor, norm: nn.Module, layer: nn.Module):
     """``norm(x)`` as the input of ``layer``: for an FP8 layer e4m3 with scales from the norm
     kernel itself (an Fp8Activation), else the activation."""
-    if _fp8(layer, x):
+    if _fp8(layer):
         return Fp8Activation(*rms_norm_fp8(x, norm.weight, norm.eps), x.dtype)
     return rms_norm(x, norm.weight, norm.eps)
 
@@ -73,7 +68,7 @@ def norm_input(x: torch.Tensor, norm: nn.Module, layer: nn.Module):
 def linear(h, layer: nn.Module) -> torch.Tensor:
     """``layer(h)`` on the fast path: cuBLAS, or the FP8 GEMM for an FP8 layer (``h`` an
     Fp8Activation from norm_input, or an activation to quantize first)."""
-    if _fp8(layer, *([] if isinstance(h, Fp8Activation) else [h])):
+    if _fp8(layer):
         h = _quantized(h)
         return fp8_linear(h.q, h.s, layer.weight, layer.weight_scale, layer.bias, h.dtype)
     return F.linear(h, layer.weight, layer.bias)
@@ -89,10 +84,14 @@ def attention_residual(a: torch.Tensor, proj: nn.Linear, gamma: Optional[torch.T
     """(x + rowscale * gamma * proj(a), norm of it): the attention half's residual and the norm
     that follows (norm2). ``norm`` None: no norm (h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
-    if _fp8(proj, a, x, rowscale=rowscale):  # (activations only: eval() without no_grad runs)
+    if _fp8(proj):
         a8 = _quantized(a)
-        return _next(*fp8_linear_residual_norm(a8.q, a8.s, proj.weight, proj.weight_scale, proj.bias, gamma, x, nw,
-                                               eps), nw)
+        if rowscale is None:
+            return _next(*fp8_linear_residual_norm(a8.q, a8.s, proj.weight, proj.weight_scale, proj.bias, gamma, x,
+                                                   nw, eps), nw)
+        # Drop path (train mode, no gradients): the FP8 GEMM, then the residual kernel that takes the row scale.
+        return residual_rms_norm(x, fp8_linear(a8.q, a8.s, proj.weight, proj.weight_scale, proj.bias, a8.dtype),
+                                 gamma, nw, eps, rowscale)
     if rowscale is not None or _needs_grad(a, x, proj.weight, proj.bias, gamma, nw):
         y = F.linear(a, proj.weight, proj.bias)
         return residual_rms_norm(x, y, gamma, nw, eps, rowscale)
@@ -106,10 +105,14 @@ def mlp_residual(h: torch.Tensor, mlp: nn.Module, gamma: Optional[torch.Tensor],
     block's norm1 (``norm`` None for the last block: h empty)."""
     nw, eps = (norm.weight, norm.eps) if norm is not None else (None, eps)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if _fp8(fc1, x, rowscale=rowscale):
+    if _fp8(fc1):
         h8 = _quantized(h)
         u, su = fp8_linear_gelu(h8.q, h8.s, fc1.weight, fc1.weight_scale, fc1.bias, h8.dtype)
-        return _next(*fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps), nw)
+        if rowscale is None:
+            return _next(*fp8_linear_residual_norm(u, su, fc2.weight, fc2.weight_scale, fc2.bias, gamma, x, nw, eps),
+                         nw)
+        return residual_rms_norm(x, fp8_linear(u, su, fc2.weight, fc2.weight_scale, fc2.bias, h8.dtype), gamma, nw,
+                                 eps, rowscale)  # drop path, as in attention_residual
     if rowscale is not None or _needs_grad(h, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, nw):
         return mlp_residual_norm(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, x, nw, eps, rowscale)[:2]
     u = linear_gelu(h, fc1.weight, fc1.bias)

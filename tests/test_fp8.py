@@ -107,6 +107,53 @@ def test_fp8_gemm_rejects_bad_operands(device):
         linear_launch(q, wq, None, out, a_scale=s, w_scale=ws,
                       config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=96, GROUP_M=1, EPI_SPLIT=1, num_warps=4,
                                   num_stages=1))
+    with pytest.raises(ValueError, match="no transposed weight"):
+        linear_launch(q, wq.t().contiguous(), None, out, a_scale=s, w_scale=ws, weight_kn=True)
+    with pytest.raises(ValueError, match="no transposed weight, no gelu_grad"):
+        linear_launch(q, wq, None, out, "gelu_grad", pre=out.clone(), a_scale=s, w_scale=ws)
+    with pytest.raises(ValueError, match="w_scale has dtype torch.float8_e4m3fn; scales are float32"):
+        linear_launch(q, wq, None, out, a_scale=s, w_scale=ws.to(FP8))
+    with pytest.raises(ValueError, match="a_scale has dtype torch.float64"):
+        linear_launch(q, wq, None, out, a_scale=s.double(), w_scale=ws)
+    # An e4m3 output: only after the none/gelu epilogues, with the dtype it rounds to first,
+    # and in 128-column epilogue sub-tiles (one scale group each).
+    uq, us = torch.empty(8, 128, dtype=FP8, device=device), torch.empty(8, 1, device=device)
+    x = torch.randn(8, 128, device=device)
+    with pytest.raises(ValueError, match="out_scale.*is for the none and gelu epilogues"):
+        linear_launch(q, wq, None, uq, "residual", gamma=torch.ones(128, device=device), residual=x, a_scale=s,
+                      w_scale=ws, out_scale=us, act_dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs act_dtype"):
+        linear_launch(q, wq, None, uq, "gelu", a_scale=s, w_scale=ws, out_scale=us)
+    with pytest.raises(ValueError, match="out_scale belongs to an FP8 GEMM"):
+        linear_launch(x, x.t().contiguous(), None, uq, out_scale=us)
+    with pytest.raises(ValueError, match="128-column epilogue sub-tiles, got BLOCK_N=128 / EPI_SPLIT=2"):
+        linear_launch(q, wq, None, uq, "gelu", a_scale=s, w_scale=ws, out_scale=us, act_dtype=torch.float32,
+                      config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, EPI_SPLIT=2, num_warps=4,
+                                  num_stages=1))
+    # the bf16 check that decides the e4m3 output's dtype: out must be e4m3 when out_scale is given
+    with pytest.raises(ValueError, match="out has dtype torch.float32; expected torch.float8_e4m3fn"):
+        linear_launch(q, wq, None, out, "gelu", a_scale=s, w_scale=ws, out_scale=us, act_dtype=torch.float32)
+
+
+def test_all_zero_groups_get_the_smallest_normal_scale(device):
+    """amax 0 (or subnormal) has no exponent to take: the scale is clamped to 2^-126, in the
+    reference and in the kernel alike, and the zeros quantize to +0."""
+    x = torch.randn(4, 384, device=device)
+    x[1] = 0
+    x[2, 128:256] = 1e-40  # float32 subnormals
+    want_q, want_s = K.quantize_ref(x)
+    assert want_s[1].eq(2.0 ** -126).all() and want_s[2, 1] == 2.0 ** -126
+    got_q, got_s = K.quantize_fp8(x)
+    assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert got_q[1].view(torch.uint8).eq(0).all()
+
+
+def test_fp8_layer_moves_with_the_model_and_keeps_its_dtypes():
+    layer = model_fp8.Fp8Linear.from_linear(torch.nn.Linear(256, 128))
+    moved = layer.to("meta").to(torch.float16)  # a device move (meta: no second device here) and a cast
+    assert moved.weight.device.type == "meta" and moved.weight.dtype == FP8
+    assert moved.weight_scale.device.type == "meta" and moved.weight_scale.dtype == torch.float32
+    assert moved.bias.device.type == "meta" and moved.bias.dtype == torch.float16
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -168,6 +215,24 @@ def test_fast_fp8_path_computes_the_reference_fp8_model(device, dtype):
     for g, r, e in zip(got, ref, exact):
         assert (g - r).norm() / r.norm() < 2e-3, "the fast FP8 path strays from the reference FP8 model"
         assert ((g - e).norm() / (r - e).norm()).item() < 1.1  # and is no further from float64
+
+
+def test_drop_path_in_train_mode_runs_on_both_fp8_paths(device):
+    """A frozen ViT in train mode (freeze_vit: the FPN trains, no gradient enters the blocks)
+    still draws drop path's row scales: the fast path runs the FP8 GEMM, then the residual
+    kernel with the scale, and computes what the reference FP8 model computes with the same
+    draws."""
+    m = _fp8_copy(_model(), freeze_vit=True, drop_path_rate=0.5).to(device).train()
+    x = torch.randn(4, 3, 56, 56, device=device)
+
+    def run(fast, seed=3):
+        m.fast = fast
+        torch.manual_seed(seed)
+        return [f.double() for f in m(x.to(m.dtype))]
+    ref, got = run(False), run(True)
+    assert any((a - b).norm() > 0.1 * b.norm() for a, b in zip(run(False, seed=4), ref)), "no row was dropped"
+    for g, r in zip(got, ref):
+        assert (g - r).norm() / r.norm() < 2e-3, "the fast FP8 path with drop path strays from the reference"
 
 
 # Bounds on the features of random 4-block models (relative L2 error, cosine) per out_index,
@@ -310,10 +375,14 @@ def test_fp8_state_dict_round_trips_and_stays_out_of_bf16_models(tmp_path):
         load_checkpoint(InternViT6B(**CFG, precision="fp8"), tmp_path / "fp8.pth")
 
 
-def test_precision_check_prints_the_table(capsys):
+def test_precision_check_prints_the_table(capsys, monkeypatch):
     import json
 
-    from internvit_fast import precision_check
+    from internvit_fast import fast_path, precision_check
+
+    def restart(module):
+        raise AssertionError("a library call of precision_check.main() would replace the caller's process")
+    monkeypatch.setattr(fast_path, "restart_in_interpreter", restart)  # only the command line may
     assert precision_check.main(["--config", "small", "--batch", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["out_index"] for r in out["rows"]] == [0, 1, 2, 3] and out["fast"]
@@ -334,5 +403,61 @@ def test_mmseg_runner_loads_bf16_into_fp8_and_refuses_fp8_into_bf16(tmp_path):
     assert torch.equal(dst.blocks[3].mlp.fc1.weight.view(torch.uint8), want.blocks[3].mlp.fc1.weight.view(torch.uint8))
     assert torch.equal(dst.blocks[3].mlp.fc1.weight_scale, want.blocks[3].mlp.fc1.weight_scale)
     save_file({k: v.contiguous() for k, v in want.state_dict().items()}, str(tmp_path / "fp8.safetensors"))
-    with pytest.raises(CheckpointError, match="loads only into a model built with precision='fp8'"):
+    with pytest.raises(CheckpointError, match="e4m3 loads only into the blocks' linear weights"):
         load_segmentor_weights(InternViT6B(**CFG), str(tmp_path / "fp8.safetensors"))
+
+
+_SCALE_KEY = "blocks.1.mlp.fc1.weight_scale"
+_BAD_SCALES = {"nan": float("nan"), "negative": -1.0, "zero": 0.0, "not a power of two": 0.3, "inf": float("inf"),
+               "subnormal": 2.0 ** -140, "int32": None, "float64": None}
+
+
+def _with_bad_scale(sd: dict, bad: str) -> dict:
+    sd = {k: v.contiguous().clone() for k, v in sd.items()}
+    if bad == "int32":  # a cast to the buffer's float32 would give a zero layer
+        sd[_SCALE_KEY] = sd[_SCALE_KEY].log2().to(torch.int32)
+    elif bad == "float64":
+        sd[_SCALE_KEY] = sd[_SCALE_KEY].double()
+    else:
+        sd[_SCALE_KEY][3, 1] = _BAD_SCALES[bad]
+    return sd
+
+
+def _state(m) -> dict:
+    return {k: (v.view(torch.uint8) if v.dtype == FP8 else v).clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("loader", ["load_checkpoint", "load_segmentor_weights", "load_state_dict"])
+@pytest.mark.parametrize("bad", list(_BAD_SCALES))
+def test_an_fp8_file_with_a_bad_scale_is_refused_before_anything_loads(tmp_path, loader, bad):
+    """The format's scales are powers of two in fp32 (what the quantizer writes): any other
+    value in a file is damage or another tool's format, and would load as a broken layer."""
+    from safetensors.torch import save_file
+    sd = _with_bad_scale(_fp8_copy(_model()).state_dict(), bad)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    dst = InternViT6B(**CFG, precision="fp8")
+    before = _state(dst)
+    if loader == "load_state_dict":  # torch's own loader: the error comes at its end, after the copies
+        with pytest.raises(RuntimeError, match="blocks.1.mlp.fc1.weight.*weight_scale"):
+            dst.load_state_dict(sd)
+        return
+    if loader == "load_segmentor_weights":
+        pytest.importorskip("mmengine")
+        from internvit_fast.mmseg_runner import load_segmentor_weights as load
+    else:
+        load = load_checkpoint
+    with pytest.raises(CheckpointError, match="weight_scale"):
+        load(dst, str(path))
+    after = _state(dst)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused file changed the model"
+
+
+def test_an_e4m3_tensor_outside_the_linear_weights_is_refused_with_a_message_that_says_so(tmp_path):
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in _fp8_copy(_model()).state_dict().items()}
+    sd["blocks.0.norm1.weight"] = sd["blocks.0.norm1.weight"].float().to(FP8)
+    save_file(sd, str(tmp_path / "f.safetensors"))
+    with pytest.raises(CheckpointError, match="blocks.0.norm1.weight.*only into the blocks' linear weights"):
+        load_checkpoint(InternViT6B(**CFG, precision="fp8"), tmp_path / "f.safetensors")
+
