@@ -22,7 +22,7 @@ REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _bloc
             # the backward kernels
             _rms_norm.BWD_SPEC, _block_ops.GELU_GRAD_SPEC,
             # FP8 inference (precision="fp8")
-            _fp8.NORM_SPEC, _fp8.QUANT_SPEC, _fp8.QKV_SPEC, _fp8.GELU_SPEC, _fp8.PROJ_SPEC, _fp8.FC2_SPEC]
+            _fp8.NORM_SPEC, _fp8.RES_NORM_SPEC, _fp8.QUANT_SPEC, _fp8.QKV_SPEC, _fp8.GELU_SPEC, _fp8.PROJ_SPEC, _fp8.FC2_SPEC]
 
 __all__ = [
     "INTERPRETING", "REGISTRY", "kernels_can_run_on",

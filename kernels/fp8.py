@@ -24,6 +24,10 @@ The ops (inference only; the fast path calls them for an ``Fp8Linear``, internvi
   - ``fp8_linear_residual_norm``: the GEMM with the residual epilogue, then ``rms_norm_fp8``
     of the new stream (proj, and fc2 with the next block's norm1).
 
+Each GEMM op has an unfused alternative that the tuned table may pick per shape, as for
+bf16: cuBLASLt's block-scaled GEMM (``scaled_mm``), then row kernels (fc1: GELU and the
+quantizer; proj/fc2: ``residual_rms_norm_fp8``, the residual kernel writing e4m3).
+
 ``*_ref`` are the plain-torch statements: quantization by the same formula (torch's own
 fp32 -> e4m3 conversion, which rounds to nearest even), and the GEMM on the dequantized
 operands in fp32 or float64.
@@ -42,7 +46,7 @@ from ._common import (FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, f
                       rows_of)
 from .gemm import linear_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
-from .registry import KernelSpec, Shape
+from .registry import Choice, KernelSpec, Shape
 from . import rms_norm as _rms
 
 OP = "quantize_fp8"
@@ -185,26 +189,40 @@ class Fp8Activation(NamedTuple):
 
 
 NORM_OP = "rms_norm_fp8"
+RES_NORM_OP = "residual_rms_norm_fp8"
 
 
 def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: torch.Tensor, s: torch.Tensor,
-                        config: Optional[dict] = None) -> None:
+                        config: Optional[dict] = None, y: Optional[torch.Tensor] = None,
+                        gamma: Optional[torch.Tensor] = None, x_out: Optional[torch.Tensor] = None) -> None:
     """Check the inputs, then write RMSNorm(x) * weight, rounded to x's dtype, as e4m3 into
     ``q`` (x's shape) with its 1 x 128 scales into ``s`` (..., N/128): the rms_norm kernel
-    quantizing in registers what it would have stored."""
-    check_tensors(NORM_OP, ("x", x), ("weight", weight))
-    if weight.ndim != 1 or weight.dtype != x.dtype:
-        raise ValueError(f"{NORM_OP}: weight must be 1-D in x's dtype {x.dtype}, got {tuple(weight.shape)} "
-                         f"{weight.dtype}")
-    n = weight.shape[0]
-    check_row_width(NORM_OP, "x", n)
-    x2 = as_rows(NORM_OP, "x", x, n)
+    quantizing in registers what it would have stored. With ``y`` (and ``x_out``): first
+    x_out = x + gamma * y at upstream's rounding points, then the norm of x_out (the
+    residual kernel: the unfused alternative of the FP8 residual GEMMs)."""
+    op = NORM_OP if y is None else RES_NORM_OP
+    if (y is None) != (x_out is None) or (gamma is not None and y is None):
+        raise ValueError(f"{op}: y and x_out go together (gamma with them)")
+    check_tensors(op, ("x", x), ("weight", weight), *[(nm, t) for nm, t in (("y", y), ("x_out", x_out),
+                                                                            ("gamma", gamma)) if t is not None])
+    n = weight.shape[-1]
+    for name, t in (("weight", weight), ("gamma", gamma)):
+        if t is not None and (t.ndim != 1 or t.dtype != x.dtype):
+            raise ValueError(f"{op}: {name} must be 1-D in x's dtype {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    if gamma is not None and gamma.shape != weight.shape:
+        raise ValueError(f"{op}: gamma has shape {tuple(gamma.shape)}, weight {tuple(weight.shape)}")
+    check_row_width(op, "x", n)
+    for name, t in (("y", y), ("x_out", x_out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
+            raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype}, expected {tuple(x.shape)} {x.dtype} like x")
+    x2 = as_rows(op, "x", x, n)
+    y2, xo = (as_rows(op, nm, t, n) if t is not None else None for nm, t in (("y", y), ("x_out", x_out)))
     for name, t, dtype, shape in (("q", q, FP8, tuple(x.shape)), ("s", s, torch.float32, (*x.shape[:-1], groups(n)))):
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
-            raise ValueError(f"{NORM_OP}: {name} must be a contiguous {shape} {dtype} tensor on {x.device}, got "
+            raise ValueError(f"{op}: {name} must be a contiguous {shape} {dtype} tensor on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
-    _rms._launch(NORM_OP, x2, None, None, weight.contiguous(), None, q.view(-1, n), eps, config,
-                 hs=s.view(-1, groups(n)))
+    _rms._launch(op, x2, y2, gamma.contiguous() if gamma is not None else None, weight.contiguous(), xo,
+                 q.view(-1, n), eps, config, hs=s.view(-1, groups(n)))
 
 
 @torch.library.custom_op("internvit_fast::rms_norm_fp8", mutates_args=())
@@ -227,6 +245,8 @@ def fp8_linear(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
                dtype: torch.dtype) -> torch.Tensor:
     """(q s) @ (wq ws)^T + b in ``dtype`` for quantized activations q (..., K) (qkv)."""
     q2 = rows_of(q)
+    if _picks_unfused("fp8_linear", q2, wq, dtype):
+        return scaled_mm(q2, rows_of(s), wq, ws, bias, dtype).view(*q.shape[:-1], wq.shape[0])
     out = torch.empty((q2.shape[0], wq.shape[0]), dtype=dtype, device=q.device)
     linear_launch(q2, wq, bias, out, "none", a_scale=rows_of(s), w_scale=ws)
     return out.view(*q.shape[:-1], wq.shape[0])
@@ -244,9 +264,12 @@ def fp8_linear_gelu(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor, ws: torc
     output quantized in the GEMM's epilogue, ready for fc2)."""
     q2 = rows_of(q)
     m, n = q2.shape[0], wq.shape[0]
-    out = torch.empty((m, n), dtype=FP8, device=q.device)
-    out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=q.device)
-    linear_launch(q2, wq, bias, out, "gelu", a_scale=rows_of(s), w_scale=ws, out_scale=out_s, act_dtype=dtype)
+    if _picks_unfused("fp8_linear_gelu", q2, wq, dtype):
+        out, out_s = gelu_unfused(q2, rows_of(s), wq, ws, bias, dtype)
+    else:
+        out = torch.empty((m, n), dtype=FP8, device=q.device)
+        out_s = torch.empty((m, groups(n)), dtype=torch.float32, device=q.device)
+        linear_launch(q2, wq, bias, out, "gelu", a_scale=rows_of(s), w_scale=ws, out_scale=out_s, act_dtype=dtype)
     return out.view(*q.shape[:-1], n), out_s.view(*q.shape[:-1], groups(n))
 
 
@@ -265,14 +288,9 @@ def fp8_linear_residual_norm(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor,
     """(x_new, hq, hs): x_new = x + gamma * ((q s) @ (wq ws)^T + b) with upstream's rounding
     points; (hq, hs) = RMSNorm(x_new) * norm_weight as e4m3 with scales, for the next GEMM
     (empty without norm_weight)."""
-    x2 = rows_of(x)
-    x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    linear_launch(rows_of(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=rows_of(s), w_scale=ws)
-    x_new = x_new.view(x.shape)
-    if norm_weight is None:
-        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
-    hq, hs = rms_norm_fp8(x_new, norm_weight, eps)
-    return x_new, hq, hs
+    if _picks_unfused("fp8_linear_residual", rows_of(q), wq, x.dtype):
+        return residual_unfused(q, s, wq, ws, bias, gamma, x, norm_weight, eps)
+    return residual_fused(q, s, wq, ws, bias, gamma, x, norm_weight, eps)
 
 
 @fp8_linear_residual_norm.register_fake
@@ -281,6 +299,75 @@ def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
         return x.new_empty(x.shape), x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
     return (x.new_empty(x.shape), torch.empty(x.shape, dtype=FP8, device=x.device),
             torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+
+
+# --- the unfused alternative: cuBLASLt's block-scaled GEMM, then row kernels -------------------
+#
+# torch (2.9+) runs DeepSeek's scaling on cuBLASLt (F.scaled_mm with BlockWise1x128 x
+# BlockWise128x128; sm_90 only, cuBLASLt >= 12.9). The tuned table picks it per shape where
+# the tuner measured it faster (kernels/tuning.py), as cuBLAS is picked for bf16.
+
+def _picks_unfused(name: str, q2: torch.Tensor, wq: torch.Tensor, dtype: torch.dtype) -> bool:
+    from .tuning import choice
+    (m, k), n = q2.shape, wq.shape[0]
+    return choice(name, Target.of(q2.device), M=m, N=n, K=k, dtype=dtype) == "unfused"
+
+
+def cublas_operands(q2: torch.Tensor, s2: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
+    """F.scaled_mm's four operands for ours, in the layouts torch checks for this scaling
+    (aten's ScaledBlas.cpp, _scaled_block1x128_block128x128): A (M, K) row-major; B = W^T
+    (K, N) column-major (W as stored); A's scales (M, K/128) with strides (1, M); W's scales
+    (round_up(K/128, 4), N/128) with strides (1, round_up(K/128, 4)): our (N/128, K/128) rows
+    padded with ones to a multiple of 4 blocks, transposed."""
+    kb = s2.shape[1]
+    return q2, wq.t(), s2.t().contiguous().t(), F.pad(ws, (0, -kb % 4), value=1.0).t()
+
+
+def scaled_mm(q2: torch.Tensor, s2: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor],
+              dtype: torch.dtype) -> torch.Tensor:
+    """(q s) @ (wq ws)^T + b in ``dtype`` (M, N): cuBLASLt's block-scaled GEMM on CUDA. On a
+    CPU torch has no block-wise scaling: there the same product in plain torch, so the row
+    kernels around it are tested in the interpreter (and cublas_operands against torch's rules)."""
+    if q2.device.type != "cuda":
+        return linear_ref(q2, s2, wq, ws, bias, dtype)
+    a, b, sa, sb = cublas_operands(q2, s2, wq, ws)
+    return F.scaled_mm(a, b, sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128, bias=bias,
+                       output_dtype=dtype)
+
+
+def gelu_unfused(q2, s2, wq, ws, bias, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fc1 unfused: the GEMM in ``dtype``, GELU in place, then the quantizer: three passes
+    over the hidden activation that the fused epilogue does not make."""
+    from .gelu import gelu_launch
+    h = scaled_mm(q2, s2, wq, ws, bias, dtype)
+    gelu_launch(h, h)
+    return quantize_fp8(h)
+
+
+def residual_fused(q, s, wq, ws, bias, gamma, x, norm_weight, eps, config=None):
+    """The residual epilogue, then rms_norm_fp8 of the new stream."""
+    x2 = rows_of(x)
+    x_new = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    linear_launch(rows_of(q), wq, bias, x_new, "residual", gamma=gamma, residual=x2, a_scale=rows_of(s), w_scale=ws,
+                  config=config)
+    x_new = x_new.view(x.shape)
+    if norm_weight is None:
+        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+    hq, hs = rms_norm_fp8(x_new, norm_weight, eps)
+    return x_new, hq, hs
+
+
+def residual_unfused(q, s, wq, ws, bias, gamma, x, norm_weight, eps):
+    """The GEMM in x's dtype, then one row kernel: residual, LayerScale, the norm, quantized."""
+    y = scaled_mm(rows_of(q), rows_of(s), wq, ws, bias, x.dtype).view(x.shape)
+    if norm_weight is None:
+        x_new, _ = _rms.residual_rms_norm(x, y, gamma, None, eps)
+        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+    x_new = torch.empty_like(x)
+    hq = torch.empty(x.shape, dtype=FP8, device=x.device)
+    hs = torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    rms_norm_fp8_launch(x, norm_weight, eps, hq, hs, y=y, gamma=gamma, x_out=x_new)
+    return x_new, hq, hs
 
 
 # --- what the tools need to know (registry) ----------------------------------------------
@@ -308,10 +395,6 @@ def _quant_judge(got: dict, inputs: dict) -> None:
     assert torch.equal(got["q"].view(torch.uint8), q.view(torch.uint8)), f"{OP}: e4m3 values differ from the reference"
 
 
-def _quant_meta(s: Shape) -> Meta:
-    return Meta.contiguous((s.rows, s.width), s.dtype)
-
-
 QUANT_SPEC = KernelSpec(
     name=OP,
     math="s = 2^ceil(log2(max|x_group| / 448)) per 1 x 128 group; q = e4m3(x / s)",
@@ -321,8 +404,10 @@ QUANT_SPEC = KernelSpec(
                            "s": registry.nan_like(i["x"].float(), (i["x"].shape[0], groups(i["x"].shape[1])))},
     launch=lambda i, o, cfg: quantize_launch(i["x"], o["q"], o["s"], cfg),
     reference=lambda i: dict(zip(("q", "s"), quantize_ref(i["x"]))),
-    plans=lambda target: [plan_quantize(_quant_meta(s), target) for s in registry.segmentation_shapes()
-                          if s.dtype != torch.float32] if fp8_targets(target) else [],
+    # the attention output (width) and, in fc1's unfused alternative, the hidden activation
+    plans=lambda target: [plan_quantize(Meta.contiguous((s.rows, n), s.dtype), target)
+                          for s in registry.segmentation_shapes() for n in (s.width, s.hidden)]
+    if fp8_targets(target) else [],
     plan_for=lambda i, target: plan_quantize(Meta.of(i["x"]), target),
     candidates=lambda arch: [dict(BLOCK_M=b, num_warps=w) for b, w in
                              (((16, 4), (32, 4)) if arch == "smoke" else ((16, 4), (32, 4), (64, 8)))],
@@ -340,7 +425,7 @@ def _fp8_dims(epilogue: str, variant: str, s: Shape) -> Tuple[int, int]:
 
 
 def _plan_fp8(epilogue: str, variant: str, s: Shape, target: Target, gamma: bool = True,
-              config: Optional[dict] = None) -> LaunchPlan:
+              config: Optional[dict] = None, bias: bool = True) -> LaunchPlan:
     """The launch of this FP8 GEMM at a shape, with contiguous operands (the fast path's)."""
     from .gemm import plan_linear
     n, k = _fp8_dims(epilogue, variant, s)
@@ -348,7 +433,8 @@ def _plan_fp8(epilogue: str, variant: str, s: Shape, target: Target, gamma: bool
     quant_out = epilogue == "gelu"
     vec = m((n,), s.dtype)
     return plan_linear(m((s.rows, k), FP8), m((n, k), FP8), m((s.rows, n), FP8 if quant_out else s.dtype), epilogue,
-                       target, x=m((s.rows, n), s.dtype) if epilogue == "residual" else None, bias=vec,
+                       target, x=m((s.rows, n), s.dtype) if epilogue == "residual" else None,
+                       bias=vec if bias else None,
                        gamma=vec if epilogue == "residual" and gamma else None, config=config,
                        a_scale=m((s.rows, groups(k)), torch.float32), w_scale=m((groups(n), groups(k)), torch.float32),
                        out_scale=m((s.rows, groups(n)), torch.float32) if quant_out else None, act_dtype=s.dtype)
@@ -361,6 +447,8 @@ def _fp8_plans(epilogue: str, variant: str):
         out = [_plan_fp8(epilogue, variant, s, target) for s in registry.segmentation_shapes()]
         if epilogue == "residual":  # a model without LayerScale
             out += [_plan_fp8(epilogue, variant, s, target, gamma=False) for s in registry.segmentation_shapes()]
+        if epilogue == "none":  # upstream's qkv has no bias (qkv_bias=False)
+            out += [_plan_fp8(epilogue, variant, s, target, bias=False) for s in registry.segmentation_shapes()]
         return out
     return plans
 
@@ -382,8 +470,9 @@ def _fp8_inputs(epilogue: str, variant: str):
         q, sc = quantize_ref(r((s.rows, k), s.dtype, device, 2.0 if epilogue == "residual" else 1.0))
         wq, ws = quantize_weight(r((n, k), s.dtype, device, k ** -0.5))
         inp = dict(q=q, s=sc, wq=wq, ws=ws, bias=r((n,), s.dtype, device, 0.5))
-        if epilogue == "residual":
-            inp.update(gamma=r((n,), s.dtype, device, 0.3), x=r((s.rows, n), s.dtype, device, 3.0))
+        if epilogue == "residual":  # (norm_weight, eps: the op's norm, which the Choice runs)
+            inp.update(gamma=r((n,), s.dtype, device, 0.3), x=r((s.rows, n), s.dtype, device, 3.0),
+                       norm_weight=r((n,), s.dtype, device, 1.0, 1.0), eps=1e-6)
         return inp
     return make
 
@@ -432,6 +521,11 @@ def _fp8_judge(epilogue: str):
         picked the wrong scale or rounded wrongly fails: the rule's slack is twice the
         reference's own quantization error)."""
         from internvit_fast import parity
+        if "hq" in got:  # the residual op's norm (Choice): exactly the quantized norm of its own x_new
+            q, sc = quantize_ref(_rms.rms_norm_ref(got["x_new"], i["norm_weight"], i["eps"]))
+            assert torch.equal(got["hs"], sc) and torch.equal(got["hq"].view(torch.uint8), q.view(torch.uint8)), \
+                f"fp8 {epilogue}: the quantized norm of x_new differs from the reference's"
+            got = {"x_new": got["x_new"]}
         exact, same = gemm_ref(epilogue, i, torch.float64), gemm_ref(epilogue, i, torch.float32)
         if epilogue == "gelu":
             got, exact, same = ({"u": dequantize(d["q"], d["s"])} for d in (got, exact, same))
@@ -454,6 +548,32 @@ def _fp8_candidates(epilogue: str):
     return cands
 
 
+def _fp8_choice(epilogue: str) -> Choice:
+    """The fused op against cuBLASLt + row kernels (on a CPU: the torch GEMM + row kernels)."""
+    def qs(i):
+        return i["q"], i["s"], i["wq"], i["ws"], i["bias"]
+    if epilogue == "none":
+        def fused(i, cfg=None):
+            y = torch.empty((i["q"].shape[0], i["wq"].shape[0]), dtype=i["bias"].dtype, device=i["q"].device)
+            linear_launch(i["q"], i["wq"], i["bias"], y, "none", a_scale=i["s"], w_scale=i["ws"], config=cfg)
+            return {"y": y}
+        return Choice(fused=fused, unfused=lambda i: {"y": scaled_mm(*qs(i), i["bias"].dtype)},
+                      describe_unfused="cuBLASLt block-scaled GEMM (torch scaled_mm)")
+    if epilogue == "gelu":
+        def fused(i, cfg=None):
+            o = _fp8_outputs("gelu")(i)
+            _fp8_run("gelu")(i, o, cfg)
+            return o
+        return Choice(fused=fused, unfused=lambda i: dict(zip(("q", "s"), gelu_unfused(*qs(i), i["bias"].dtype))),
+                      describe_unfused="cuBLASLt GEMM + in-place GELU kernel + quantize_fp8")
+    names = ("x_new", "hq", "hs")
+    rest = ("gamma", "x", "norm_weight", "eps")
+    return Choice(
+        fused=lambda i, cfg=None: dict(zip(names, residual_fused(*qs(i), *(i[k] for k in rest), config=cfg))),
+        unfused=lambda i: dict(zip(names, residual_unfused(*qs(i), *(i[k] for k in rest)))),
+        describe_unfused="cuBLASLt GEMM + residual_rms_norm_fp8 kernel (fused: residual epilogue + rms_norm_fp8)")
+
+
 def _fp8_spec(epilogue: str, variant: str = "") -> KernelSpec:
     name = {"none": "fp8_linear", "gelu": "fp8_linear_gelu", "residual": "fp8_linear_residual"}[epilogue]
     return KernelSpec(
@@ -471,6 +591,7 @@ def _fp8_spec(epilogue: str, variant: str = "") -> KernelSpec:
         plan_for=_fp8_plan_for(epilogue, variant),
         candidates=_fp8_candidates(epilogue),
         judge=_fp8_judge(epilogue),
+        choice=_fp8_choice(epilogue),
     )
 
 
@@ -480,47 +601,87 @@ PROJ_SPEC = _fp8_spec("residual", "proj")
 FC2_SPEC = _fp8_spec("residual", "fc2")
 
 
-def _norm_inputs(s: Shape, device) -> dict:
-    x = registry.rand((s.rows, s.width), s.dtype, device, 3.0)
-    w = registry.rand((s.width,), s.dtype, device, 1.0, 1.0)
-    w[:: max(1, s.width // 3)] *= 50  # outlier channels: their groups get their own scales
-    return dict(x=x, weight=w, eps=1e-6)
+def _norm_inputs(residual: bool):
+    def make(s: Shape, device) -> dict:
+        r = registry.rand
+        x = r((s.rows, s.width), s.dtype, device, 3.0)
+        w = r((s.width,), s.dtype, device, 1.0, 1.0)
+        w[:: max(1, s.width // 3)] *= 50  # outlier channels: their groups get their own scales
+        if not residual:
+            return dict(x=x, weight=w, eps=1e-6)
+        return dict(x=x, y=r((s.rows, s.width), s.dtype, device), gamma=r((s.width,), s.dtype, device, 0.3),
+                    weight=w, eps=1e-6)
+    return make
 
 
 def _norm_ref(i: dict) -> dict:
-    return dict(zip(("q", "s"), quantize_ref(_rms.rms_norm_ref(i["x"], i["weight"], i["eps"]))))
+    if "y" not in i:
+        return dict(zip(("q", "s"), quantize_ref(_rms.rms_norm_ref(i["x"], i["weight"], i["eps"]))))
+    x_new, h = _rms.rms_norm_ref(i["x"], i["weight"], i["eps"], residual=i["y"], gamma=i.get("gamma"))
+    return dict(zip(("q", "s"), quantize_ref(h)), x_new=x_new)
 
 
 def _norm_judge(got: dict, i: dict) -> None:
-    """Equality: the norm's bf16 row is upstream's bit for bit, and its quantization exact."""
+    """Equality: the new stream and the norm's bf16 row are upstream's bit for bit, and the
+    row's quantization exact."""
     want = _norm_ref(i)
-    assert torch.equal(got["s"], want["s"]), f"{NORM_OP}: scales differ from the reference"
-    assert torch.equal(got["q"].view(torch.uint8), want["q"].view(torch.uint8)), f"{NORM_OP}: e4m3 values differ"
+    op = NORM_OP if "y" not in i else RES_NORM_OP
+    if "x_new" in want:
+        assert torch.equal(got["x_new"], want["x_new"]), f"{op}: the new stream differs from the reference"
+    assert torch.equal(got["s"], want["s"]), f"{op}: scales differ from the reference"
+    assert torch.equal(got["q"].view(torch.uint8), want["q"].view(torch.uint8)), f"{op}: e4m3 values differ"
 
 
-def _norm_plan(x: Meta, target: Target) -> LaunchPlan:
+def _norm_plan(x: Meta, target: Target, residual: bool = False, gamma: bool = True) -> LaunchPlan:
     rows, n = x.shape
     metas = {t: x for t in _rms._FWD_TENSORS}
-    metas.update(W=Meta.contiguous((n,), x.dtype), H_OUT=Meta.contiguous((rows, n), FP8),
-                 HS=Meta.contiguous((rows, groups(n)), torch.float32))
-    flags = dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_ROWSCALE=False, QUANT_H=True)
-    return _rms.plan_rows(NORM_OP, metas, 1e-6, flags, target)
+    metas.update(W=Meta.contiguous((n,), x.dtype), G=Meta.contiguous((n,), x.dtype),
+                 H_OUT=Meta.contiguous((rows, n), FP8), HS=Meta.contiguous((rows, groups(n)), torch.float32))
+    flags = dict(HAS_RESIDUAL=residual, HAS_GAMMA=residual and gamma, HAS_NORM=True, HAS_ROWSCALE=False,
+                 QUANT_H=True)
+    return _rms.plan_rows(RES_NORM_OP if residual else NORM_OP, metas, 1e-6, flags, target)
 
 
-NORM_SPEC = KernelSpec(
-    name=NORM_OP,
-    math="(q, s) = quantize(round(x / sqrt(mean(x^2) + eps)) * w) (norm1, norm2 before FP8 GEMMs)",
-    promises_rounding=True,
-    loads_first=True,
-    make_inputs=_norm_inputs,
-    new_outputs=lambda i: {"q": torch.full(i["x"].shape, float("nan"), dtype=FP8, device=i["x"].device),
-                           "s": torch.full((i["x"].shape[0], groups(i["x"].shape[1])), float("nan"),
-                                           device=i["x"].device)},
-    launch=lambda i, o, cfg: rms_norm_fp8_launch(i["x"], i["weight"], i["eps"], o["q"], o["s"], cfg),
-    reference=_norm_ref,
-    plans=lambda target: [_norm_plan(Meta.contiguous((s.rows, s.width), s.dtype), target)
-                          for s in registry.segmentation_shapes()] if fp8_targets(target) else [],
-    plan_for=lambda i, target: _norm_plan(Meta.of(i["x"]), target),
-    candidates=lambda arch: [dict(num_warps=w) for w in ((2, 4) if arch == "smoke" else (4, 8, 16))],
-    judge=_norm_judge,
-)
+def _norm_outputs(i: dict) -> dict:
+    x = i["x"]
+    out = {"q": torch.full(x.shape, float("nan"), dtype=FP8, device=x.device),
+           "s": torch.full((x.shape[0], groups(x.shape[1])), float("nan"), device=x.device)}
+    if "y" in i:
+        out["x_new"] = registry.nan_like(x)
+    return out
+
+
+def _norm_spec(residual: bool) -> KernelSpec:
+    """rms_norm_fp8 (norm1, norm2 before FP8 GEMMs) and, with ``residual``, the residual +
+    LayerScale + norm row kernel writing e4m3 (the FP8 residual GEMMs' unfused alternative)."""
+    def plans(target: Target):
+        if not fp8_targets(target):
+            return []
+        shapes = [Meta.contiguous((s.rows, s.width), s.dtype) for s in registry.segmentation_shapes()]
+        out = [_norm_plan(x, target, residual) for x in shapes]
+        if residual:  # a model without LayerScale
+            out += [_norm_plan(x, target, residual, gamma=False) for x in shapes]
+        return out
+
+    def launch(i, o, cfg):
+        rms_norm_fp8_launch(i["x"], i["weight"], i["eps"], o["q"], o["s"], cfg, y=i.get("y"), gamma=i.get("gamma"),
+                            x_out=o.get("x_new"))
+    return KernelSpec(
+        name=RES_NORM_OP if residual else NORM_OP,
+        math=("(x_new, q, s): x_new = round(x + round(gamma * y)), (q, s) = quantize(RMSNorm(x_new) * w)" if residual
+              else "(q, s) = quantize(round(x / sqrt(mean(x^2) + eps)) * w) (norm1, norm2 before FP8 GEMMs)"),
+        promises_rounding=True,
+        loads_first=True,
+        make_inputs=_norm_inputs(residual),
+        new_outputs=_norm_outputs,
+        launch=launch,
+        reference=_norm_ref,
+        plans=plans,
+        plan_for=lambda i, target: _norm_plan(Meta.of(i["x"]), target, residual, i.get("gamma") is not None),
+        candidates=lambda arch: [dict(num_warps=w) for w in ((2, 4) if arch == "smoke" else (4, 8, 16))],
+        judge=_norm_judge,
+    )
+
+
+NORM_SPEC = _norm_spec(False)
+RES_NORM_SPEC = _norm_spec(True)

@@ -378,11 +378,14 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     one CTA's epilogue run under the other's main loop), striding over the tiles. PROGRAMS is
     fixed by the card, not the shape, so every shape shares one build. FP8: ``a_scale`` and
     ``w_scale`` given (a and w e4m3), ``out_scale`` for an e4m3 output, ``act_dtype`` the
-    activation dtype (the epilogue's rounding points); the table keys carry "fp8e4nv"."""
+    activation dtype (the epilogue's rounding points). An FP8 GEMM's table key carries the
+    activation dtype (its operands are e4m3 whatever the model's dtype): fp32 activations
+    need their own tiles."""
     m, k = a.shape
     n = w.shape[1] if weight_kn else w.shape[0]
     scaled, quant_out = a_scale is not None, out_scale is not None
-    key = table_key(("fp8_" if scaled else "") + TABLE_NAME[epilogue], M=m, N=n, K=k, dtype=a.dtype)
+    key = table_key(("fp8_" if scaled else "") + TABLE_NAME[epilogue], M=m, N=n, K=k,
+                    dtype=(act_dtype or out.dtype) if scaled else a.dtype)
     entry = lookup(target, key)
     cfg = dict(config or (entry or {}).get("config") or default_config(target, epilogue, a.dtype,
                                                                                     act_dtype or out.dtype))

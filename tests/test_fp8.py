@@ -461,3 +461,57 @@ def test_an_e4m3_tensor_outside_the_linear_weights_is_refused_with_a_message_tha
     with pytest.raises(CheckpointError, match="blocks.0.norm1.weight.*only into the blocks' linear weights"):
         load_checkpoint(InternViT6B(**CFG, precision="fp8"), tmp_path / "f.safetensors")
 
+
+# --- the unfused alternative (cuBLASLt's block-scaled GEMM) ----------------------------------------
+
+def _torch_scaled_mm_rules(a, b, scale_a, recipe_a, scale_b, recipe_b, bias=None, output_dtype=torch.bfloat16):
+    """What torch 2.13 checks before cuBLASLt's 1x128 x 128x128 scaled GEMM (aten
+    ScaledBlas.cpp, _scaled_block1x128_block128x128, and cuBLASLt's column-major B), then the
+    product those layouts define, in float64. A CPU stand-in for F.scaled_mm: torch refuses
+    block-wise scaling on a CPU."""
+    import torch.nn.functional as F
+    m, k = a.shape
+    n = b.shape[1]
+    kb, nb = -(-k // 128), -(-n // 128)
+    kb4 = -(-kb // 4) * 4
+    assert a.dtype == b.dtype == FP8 and a.stride(1) == 1 and b.stride(0) == 1, "A row-major, B column-major e4m3"
+    assert recipe_a == F.ScalingType.BlockWise1x128 and recipe_b == F.ScalingType.BlockWise128x128
+    assert scale_a.dtype == scale_b.dtype == torch.float32
+    assert tuple(scale_a.shape) == (m, kb) and scale_a.stride(0) == 1 and (scale_a.stride(1) == m or kb == 1)
+    assert tuple(scale_b.shape) == (kb4, nb) and scale_b.stride(0) == 1 and (scale_b.stride(1) == kb4 or nb == 1)
+    da = a.double() * scale_a.double().repeat_interleave(128, 1)[:, :k]
+    db = b.double() * scale_b.double()[:kb].repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)[:, :n]
+    out = da @ db + (bias.double() if bias is not None else 0)
+    return out.to(output_dtype)
+
+
+@pytest.mark.parametrize("m, n, k", [(37, 384, 3200), (5, 256, 256), (64, 200, 512)])  # 25, 2, 4 K blocks
+def test_cublas_operands_meet_torchs_rules_and_mean_our_product(m, n, k):
+    import torch.nn.functional as F
+    q, s = K.quantize_ref(torch.randn(m, k))
+    wq, ws = K.quantize_weight(torch.randn(n, k) * k ** -0.5)
+    bias = torch.randn(n).to(torch.bfloat16)
+    a, b, sa, sb = K.cublas_operands(q, s, wq, ws)
+    got = _torch_scaled_mm_rules(a, b, sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                                 bias=bias, output_dtype=torch.float64)
+    want = K.linear_ref(q, s, wq, ws, bias, torch.float64, torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fp8_model_through_the_unfused_alternatives(device, monkeypatch):
+    """Where the tuned table picks the unfused alternatives (cuBLASLt + row kernels; on a CPU
+    the torch GEMM + the same row kernels), the fast FP8 model still computes the reference
+    FP8 model."""
+    from internvit_fast.kernels import tuning
+    from internvit_fast.kernels.launch import recording
+    m = _fp8_copy(_model()).to(device)
+    x = torch.randn(2, 3, 56, 56, device=device)
+    ref = _features(m, x)
+    m.fast = True
+    monkeypatch.setattr(tuning, "choice", lambda *a, **k: "unfused")
+    with recording() as plans:
+        got = _features(m, x)
+    ran = {p.tuned_key[0] for p in plans}
+    assert {"residual_rms_norm_fp8", "gelu", "quantize_fp8"} <= ran and not any(n.startswith("fp8_linear") for n in ran)
+    for g, r in zip(got, ref):
+        assert (g - r).norm() / r.norm() < 2e-3, "the unfused FP8 path strays from the reference FP8 model"

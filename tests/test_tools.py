@@ -147,13 +147,15 @@ def test_cost_model_moves_the_way_the_builds_say():
     assert costs.memory_us(costs.CARDS["h200"], 4.3e9) == pytest.approx(1000.0)
 
 
-def test_gate_builds_every_variant_the_fast_path_launches():
+def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
     """Run the fast model (inference and training with drop path and with_cp, every dtype,
-    with and without LayerScale) and record each plan launched; planned for sm_90 the same way,
-    every variant (function, flags, dtype, FMA contraction) is among the gate's builds."""
+    with and without LayerScale; precision="fp8" with the fused ops and with their unfused
+    alternatives, and in train mode with drop path) and record each plan launched; planned for
+    sm_90 the same way, every variant (function, flags, dtype, FMA contraction) is among the
+    gate's builds."""
     from helpers import small_model
     from internvit_fast import compile_check
-    from internvit_fast.kernels import REGISTRY
+    from internvit_fast.kernels import REGISTRY, tuning
     from internvit_fast.kernels.launch import recording
     gate = {p.variant() for spec in REGISTRY for p in spec.plans(compile_check.target(90))}
     with recording() as plans:
@@ -166,6 +168,13 @@ def test_gate_builds_every_variant_the_fast_path_launches():
                     model.eval()(img)
                 model.train()
                 sum(f.float().sum() for f in model(img)).backward()
+                model.precision = "fp8"
+                with torch.no_grad():
+                    model(img)  # train mode: drop path
+                    for impl in ("fused", "unfused"):  # what the tuned table may pick
+                        monkeypatch.setattr(tuning, "choice", lambda *a, impl=impl, **k: impl)
+                        model.eval()(img)
+                monkeypatch.undo()
     launched = {p.variant() for p in plans}
     assert len(launched) > 10
     missing = launched - gate

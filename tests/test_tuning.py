@@ -79,3 +79,24 @@ def test_tuned_dir_is_the_repositorys():
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert os.path.samefile(tuning.TUNED_DIR, os.path.join(root, "kernels", "tuned"))
+
+
+def test_the_tuner_never_picks_an_alternative_that_fails(tmp_path, monkeypatch):
+    """cuBLASLt's block-scaled FP8 GEMM exists on sm_90 with torch >= 2.9 only: an unfused
+    alternative that raises is logged and not picked, and the tuning goes on."""
+    import dataclasses
+    import json
+
+    from benchmarks import tune
+    spec = next(s for s in REGISTRY if s.id == "fp8_linear")
+
+    def refused(inputs):
+        raise NotImplementedError("DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90")
+    broken = dataclasses.replace(spec, choice=dataclasses.replace(spec.choice, unfused=refused))
+    monkeypatch.setattr(tune, "REGISTRY", [broken])
+    monkeypatch.setattr(broken, "candidates", lambda arch: spec.candidates(arch)[:1])
+    tune.tune(str(tmp_path), budget_s=600, smoke=True)
+    table = json.load(open(tmp_path / "tuned-smoke.json"))
+    (entry,) = table["configs"]["fp8_linear"]
+    assert entry["impl"] == "fused" and set(entry["ms"]) == {"kernel", "fused"}
+    assert any("unfused: failed (NotImplementedError" in line for line in table["log"])
