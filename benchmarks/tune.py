@@ -40,6 +40,13 @@ def entry_for(spec, inputs: dict, config: dict, ms: float):
     return table_name, {"shape": dict(key), "config": dict(config), "ms": {"kernel": ms}}
 
 
+def order(specs, shape: Shape) -> list:
+    """The tuner's order: inference before training (the targets are inference), and within
+    each the GEMMs first: they are most of the backbone's time, so a box that runs out cuts
+    the row kernels (whose heuristic settings are near their ceiling anyway)."""
+    return sorted(specs, key=lambda s: (s.training, costs.counts(s.id, shape)[2] == 0))
+
+
 def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
     start = time.time()
     if smoke:
@@ -48,9 +55,7 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
         arch, card = Target.of(harness.DEVICE).arch, torch.cuda.get_device_name()
         shapes = [Shape(1297 * b) for b in batches]
     configs, log = {}, []
-    # The GEMMs first: they are most of the backbone's time, so a box that runs out cuts the
-    # row kernels (whose heuristic settings are near their ceiling anyway).
-    specs = sorted(REGISTRY, key=lambda s: costs.counts(s.id, shapes[0])[2] == 0)
+    specs = order(REGISTRY, shapes[0])
 
     def out_of_time(what):
         if time.time() - start > budget_s:

@@ -416,6 +416,7 @@ def _gelu_grad_ref(i: dict) -> dict:
 
 GELU_GRAD_SPEC = KernelSpec(
     name="linear_gelu_grad",
+    training=True,
     math="d pre = (dy @ w2) * GELU'(pre): fc2's input gradient with GELU's derivative in the epilogue",
     promises_rounding=False,
     make_inputs=_gelu_grad_inputs,

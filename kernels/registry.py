@@ -86,6 +86,7 @@ class KernelSpec:
     # ``reference`` is not the promise (FP8: equality for quantization, the parity rule on
     # dequantized values); None: the parity rule
     judge: Optional[Callable[[dict, dict], None]] = None
+    training: bool = False  # a backward kernel: tuned after the inference kernels the targets are stated for
 
     @property
     def id(self) -> str:

@@ -574,6 +574,7 @@ def _bwd_plan_for(i: dict, target: Target) -> LaunchPlan:
 
 BWD_SPEC = KernelSpec(
     name=BWD_OP,
+    training=True,
     math="gradients of residual_rms_norm (and of rms_norm and qk_norm: the same kernel without the residual)",
     promises_rounding=True,
     make_inputs=_bwd_inputs,

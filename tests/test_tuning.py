@@ -100,3 +100,14 @@ def test_the_tuner_never_picks_an_alternative_that_fails(tmp_path, monkeypatch):
     (entry,) = table["configs"]["fp8_linear"]
     assert entry["impl"] == "fused" and set(entry["ms"]) == {"kernel", "fused"}
     assert any("unfused: failed (NotImplementedError" in line for line in table["log"])
+
+
+def test_the_tuner_takes_inference_gemms_first_and_training_last():
+    from benchmarks.tune import order
+    from internvit_fast import costs
+    ids = [s.id for s in order(REGISTRY, Shape(1297 * 4))]
+    training = [s.id for s in REGISTRY if s.training]
+    gemms = [s.id for s in REGISTRY if not s.training and costs.counts(s.id, Shape(1297 * 4))[2] > 0]
+    assert set(training) == {"linear_gelu_grad", "rms_norm_backward"}
+    assert ids[:len(gemms)] == gemms and set(ids[-len(training):]) == set(training)
+    assert {"fp8_linear_gelu", "fp8_linear_residual[fc2]"} <= set(gemms)
