@@ -67,8 +67,9 @@ def use_kernels(model, x: torch.Tensor) -> bool:
 def restart_in_interpreter(module: str) -> None:
     """For command-line entry points on a CPU: Triton reads TRITON_INTERPRET once, when it is
     imported, so the process starts again (``python -m module`` with the same arguments) with
-    it set. Only ever called for a command line: a library caller's process is never replaced
-    (its fast model runs the reference ops, with the warning above)."""
+    it set. Only ever called for a command line, which the entry points tell by ``argv is
+    None`` (argparse's convention: parse sys.argv): a caller that passes its arguments keeps
+    its process (its fast model runs the reference ops, with the warning above)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
                   dict(os.environ, TRITON_INTERPRET="1"))

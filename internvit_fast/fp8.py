@@ -27,6 +27,7 @@ from .kernels.fp8 import groups, linear_ref, quantize_ref, quantize_weight
 PRECISIONS = ("bf16", "fp8")  # "bf16": the model's own dtype (the default)
 LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's linear layers
 SCALE = "weight_scale"
+MAX_SCALE_EXP = 120  # the largest scale exponent the quantizer writes (fp32's largest value / 448)
 
 
 class Fp8Linear(nn.Module):
@@ -81,8 +82,11 @@ class Fp8Linear(nn.Module):
                               error_msgs):
         # A full-precision weight (any published checkpoint) is quantized as it loads.
         w, scale = state_dict.get(prefix + "weight"), state_dict.get(prefix + SCALE)
+        if w is None and scale is not None:
+            error_msgs.append(f"{prefix}{SCALE}: a {SCALE} without its weight (it would pair with the old weight)")
+            return
         if isinstance(w, torch.Tensor) and w.dtype == FP8 and isinstance(scale, torch.Tensor):
-            problem = scale_problem(scale, (self.out_features, self.in_features))
+            problem = scale_problem(scale, (self.out_features, self.in_features)) or weight_problem(w)
             if problem:
                 error_msgs.append(f"{prefix}weight: {problem}")
                 return
@@ -105,7 +109,8 @@ class Fp8Linear(nn.Module):
 
 def scale_problem(scale, weight_shape) -> Optional[str]:
     """What is wrong with a weight's stored scales, or None. The format's scales are powers of
-    two 2^e, -126 <= e <= 127, one per 128 x 128 block in fp32, as the quantizer writes them:
+    two 2^e, -126 <= e <= 120, one per 128 x 128 block in fp32, as the quantizer writes them
+    (no fp32 magnitude needs e > 120: 448 * 2^120 already exceeds fp32's largest value):
     with any other value the two paths no longer compute the same thing (the reference
     dequantizes q * s, the kernels scale the product; both exact only for powers of two), and
     a zero, negative or NaN scale is a broken layer that would load without a word."""
@@ -116,11 +121,20 @@ def scale_problem(scale, weight_shape) -> Optional[str]:
         return f"{SCALE} has shape {tuple(scale.shape)}, expected {want} for a {tuple(weight_shape)} weight"
     bits = scale.view(torch.int32)
     exponent = bits >> 23  # the sign bit makes it negative
-    bad = ((bits & 0x7FFFFF) != 0) | (exponent < 1) | (exponent > 254)
+    bad = ((bits & 0x7FFFFF) != 0) | (exponent < 1) | (exponent > 127 + MAX_SCALE_EXP)
     if bool(bad.any()):
         first = scale.flatten()[bad.flatten()][0].item()
-        return (f"{SCALE} holds {int(bad.sum())} value(s) that are not a power of two in [2^-126, 2^127] "
+        return (f"{SCALE} holds {int(bad.sum())} value(s) that are not a power of two in [2^-126, 2^{MAX_SCALE_EXP}] "
                 f"(the first: {first!r}); this file was not written by this quantizer or is damaged")
+    return None
+
+
+def weight_problem(w: torch.Tensor) -> Optional[str]:
+    """What is wrong with a stored e4m3 weight, or None: e4m3 has no infinities, and its NaN
+    (bytes 0x7F, 0xFF) is never written by the quantizer; a NaN weight makes every feature NaN."""
+    nan = (w.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        return f"holds {int(nan.sum())} NaN value(s) (e4m3 bytes 0x7F/0xFF), which no quantizer writes"
     return None
 
 
@@ -159,6 +173,9 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
     come with its scales, which are read and checked here (a few KB: before anything is
     copied). Raises ValueError naming the key."""
     from .checkpoint import materialize
+    for k in sd:
+        if k.endswith("." + SCALE) and k in own and k[: -len(SCALE)] + "weight" not in sd:
+            raise ValueError(f"{k}: a {SCALE} without its weight (it would pair with the model's old weight)")
     out = {}  # in the file's order, each new scale right after its weight: see part()
     for k, v in sd.items():
         out.setdefault(k, v)  # (an e4m3 weight's scales may have been read already)
@@ -169,10 +186,13 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
             if scale_key not in sd:
                 raise ValueError(f"{k}: an e4m3 weight without its {SCALE}")
             out[scale_key] = materialize(sd[scale_key])
-            problem = scale_problem(out[scale_key], own[k].shape)
+            # the weight is read here once more to be checked (1 byte a weight), then again when copied
+            problem = scale_problem(out[scale_key], own[k].shape) or weight_problem(materialize(v))
             if problem:
                 raise ValueError(f"{k}: {problem}")
             continue
+        if v.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"{k}: has dtype {v.dtype}; only floating-point weights quantize")
         if scale_key in sd:
             raise ValueError(f"{k}: a {v.dtype} weight with a {SCALE} (only e4m3 weights carry scales)")
         memo = {}

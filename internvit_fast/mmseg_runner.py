@@ -146,6 +146,12 @@ def load_segmentor_weights(model: nn.Module, path: str) -> None:
     where = os.fspath(path)
     sd = segmentor_state(where)
     own = model.state_dict()
+    for k in sd:
+        if k in own:  # dtypes first, as in the file (an FP8 file into a bf16 model is told so): no
+            try:  # integers into floats, e4m3 only into FP8 weights
+                _check_tensor(k, sd[k], own[k].dtype)
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
     if any(v.dtype == torch.float8_e4m3fn for v in own.values()):  # precision="fp8": bf16 weights quantize as copied
         from .checkpoint import LazyTensor
         from .fp8 import expand_checkpoint
@@ -153,12 +159,6 @@ def load_segmentor_weights(model: nn.Module, path: str) -> None:
             sd = expand_checkpoint(sd, own, lambda shape, dtype, read: LazyTensor(shape, dtype, read, where))
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
-    for k in sd:
-        if k in own:  # dtypes first (an FP8 file into a bf16 model is told so): no integers into floats,
-            try:  # e4m3 only into FP8 weights
-                _check_tensor(k, sd[k], own[k].dtype)
-            except CheckpointError as e:
-                raise CheckpointError(f"{where}: {e}") from None
     for k in own:
         if k not in sd:
             raise CheckpointError(f"{where}: does not fit the model: it lacks {k!r} (and {len(set(own) - set(sd)) - 1} "

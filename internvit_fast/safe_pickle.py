@@ -198,6 +198,11 @@ class _Scanner:
               and p[1].value in self.dtypes and p[2].known and isinstance(p[2].value, str)
               and p[4].known and type(p[4].value) is int and p[4].value >= 0)
         if not ok:
+            untyped = ("torch.UntypedStorage", "torch.storage.UntypedStorage")
+            if p is not None and len(p) == 5 and p[1].kind == "global" and p[1].value in untyped:
+                # torch.save writes e4m3 (and other new dtypes') storages untyped: no dtype to check
+                raise UnsafeFileError("pickle: an untyped storage (torch.save writes FP8 tensors so); "
+                                      "save FP8 weights with safetensors")
             raise UnsafeFileError("pickle: a persistent id that is not one of torch's storages")
         dtype, key, numel = self.dtypes[p[1].value], p[2].value, p[4].value
         if self.res.storages.setdefault(key, (dtype, numel)) != (dtype, numel):

@@ -16,6 +16,10 @@ composition: cuBLAS GEMMs (their outputs are what the backward needs) with the n
 residual, LayerScale, drop path and GELU work in kernels that have backward kernels; the
 MLP as one op (``mlp_residual_norm``) whose backward applies GELU's derivative in the
 epilogue of the GEMM that computes fc1's output gradient (``linear_gelu_grad``).
+
+An FP8 layer (precision="fp8") runs the FP8 ops of fp8.py: for inference, and in train mode
+without gradients into the blocks (freeze_vit), where drop path's row scale makes proj/fc2
+the FP8 GEMM followed by the residual kernel that takes it.
 """
 from __future__ import annotations
 

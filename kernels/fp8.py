@@ -307,10 +307,23 @@ def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
 # BlockWise128x128; sm_90 only, cuBLASLt >= 12.9). The tuned table picks it per shape where
 # the tuner measured it faster (kernels/tuning.py), as cuBLAS is picked for bf16.
 
+def cublas_fp8_ok(device: torch.device, n: int, k: int) -> bool:
+    """Whether cuBLASLt's block-scaled GEMM can run here: torch's ``scaled_mm`` (2.9+) on an
+    sm_90 card (torch refuses the scaling elsewhere), K and N multiples of 16 (cuBLASLt's
+    FP8 rule). On a CPU the unfused path's GEMM is torch's plain product (see scaled_mm)."""
+    if device.type != "cuda":
+        return True
+    return (hasattr(F, "scaled_mm") and torch.cuda.get_device_capability(device)[0] == 9
+            and n % 16 == 0 and k % 16 == 0)
+
+
 def _picks_unfused(name: str, q2: torch.Tensor, wq: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The tuned table's pick; the fused kernel wherever the alternative cannot run (a table
+    made with another torch, or copied to another card, must not break inference)."""
     from .tuning import choice
     (m, k), n = q2.shape, wq.shape[0]
-    return choice(name, Target.of(q2.device), M=m, N=n, K=k, dtype=dtype) == "unfused"
+    return (choice(name, Target.of(q2.device), M=m, N=n, K=k, dtype=dtype) == "unfused"
+            and cublas_fp8_ok(q2.device, n, k))
 
 
 def cublas_operands(q2: torch.Tensor, s2: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
@@ -330,9 +343,19 @@ def scaled_mm(q2: torch.Tensor, s2: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     kernels around it are tested in the interpreter (and cublas_operands against torch's rules)."""
     if q2.device.type != "cuda":
         return linear_ref(q2, s2, wq, ws, bias, dtype)
+    return cublas_scaled_mm(q2, s2, wq, ws, bias, dtype)
+
+
+def cublas_scaled_mm(q2, s2, wq, ws, bias, dtype) -> torch.Tensor:
+    """The cuBLASLt call. torch takes a bias only with a bf16/fp16 output (one rounding, as the
+    fused kernel); with fp32 output it is added after, which rounds once too (the fp32 sum)."""
     a, b, sa, sb = cublas_operands(q2, s2, wq, ws)
-    return F.scaled_mm(a, b, sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128, bias=bias,
-                       output_dtype=dtype)
+    fused_bias = bias is not None and dtype != torch.float32
+    out = F.scaled_mm(a, b, sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                      bias=bias if fused_bias else None, output_dtype=dtype)
+    if bias is not None and not fused_bias:
+        out += bias
+    return out
 
 
 def gelu_unfused(q2, s2, wq, ws, bias, dtype) -> Tuple[torch.Tensor, torch.Tensor]:

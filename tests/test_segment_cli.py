@@ -173,3 +173,31 @@ def test_segment_refuses_fifos_and_never_writes_through_a_link(tmp_path, images)
     assert p.returncode == 1 and "room.jpg: skipped" in p.stderr
     assert victim.read_text() == "keep"
     assert (out / "street_labels.png").exists() and (out / "room-2_labels.png").exists()
+
+
+def test_library_calls_never_replace_the_process(monkeypatch, tmp_path):
+    """main(argv) called from Python (argv given) must not re-execute the caller's process in
+    the interpreter, whatever TRITON_INTERPRET says; only the command line (argv None) may."""
+    import internvit_fast
+    from internvit_fast import __main__ as cli
+    from internvit_fast import fast_path
+    from internvit_fast import segment as seg
+
+    class Reached(Exception):
+        pass
+
+    def restart(module):
+        raise AssertionError("a library call would replace the caller's process")
+
+    def reached(*a, **k):
+        raise Reached
+    monkeypatch.setattr(fast_path, "restart_in_interpreter", restart)
+    monkeypatch.setattr(Segmentor, "build", reached)
+    monkeypatch.setattr(internvit_fast, "InternViT6B", reached)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(Reached):
+        seg.main([str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--fast"])
+    with pytest.raises(Reached):
+        cli.main(["--config", "small", "--paths", "fast", "--device", "cpu"])
+    with pytest.raises(Reached):
+        cli.main(["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "out2"), "--fast"])
