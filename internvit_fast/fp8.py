@@ -170,8 +170,10 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
     """Checkpoint entries for a model with Fp8Linear layers: each full-precision weight that
     lands on an e4m3 one is quantized when it is copied (``lazy(shape, dtype, read)`` makes the
     deferred entry), its scales right after it from the same quantization; an e4m3 weight must
-    come with its scales, which are read and checked here (a few KB: before anything is
-    copied). Raises ValueError naming the key."""
+    come with its scales; both are read and checked here, before anything is copied (the
+    scales a few KB, the weight a byte a value, read again when copied). Dtypes are the
+    callers' check (checkpoint._check_tensor: no integers into a weight). Raises ValueError
+    naming the key."""
     from .checkpoint import materialize
     for k in sd:
         if k.endswith("." + SCALE) and k in own and k[: -len(SCALE)] + "weight" not in sd:
@@ -191,8 +193,6 @@ def expand_checkpoint(sd: Dict[str, object], own: Dict[str, torch.Tensor], lazy)
             if problem:
                 raise ValueError(f"{k}: {problem}")
             continue
-        if v.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"{k}: has dtype {v.dtype}; only floating-point weights quantize")
         if scale_key in sd:
             raise ValueError(f"{k}: a {v.dtype} weight with a {SCALE} (only e4m3 weights carry scales)")
         memo = {}

@@ -162,20 +162,27 @@ def quantize_launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: O
             plan.run(X=x, Q=q, S=s)
 
 
+def empty_quantized(x: torch.Tensor, empty: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for x (..., K) quantized: e4m3 values of x's shape and fp32 scales (..., K/128);
+    ``empty``: zero-size ones (an op's output that has nothing to hold)."""
+    if empty:
+        return x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+    return (torch.empty(x.shape, dtype=FP8, device=x.device),
+            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+
+
 @torch.library.custom_op("internvit_fast::quantize_fp8", mutates_args=())
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (e4m3 (..., K), fp32 scales (..., K/128)) through the kernel."""
     x2 = rows_of(x)
-    q = torch.empty(x2.shape, dtype=FP8, device=x.device)
-    s = torch.empty((x2.shape[0], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(x2)
     quantize_launch(x2, q, s)
     return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
 @quantize_fp8.register_fake
 def _(x):
-    return (torch.empty(x.shape, dtype=FP8, device=x.device),
-            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+    return empty_quantized(x)
 
 
 # --- the norm that writes e4m3, and the GEMM ops -----------------------------------------------
@@ -228,16 +235,14 @@ def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: to
 @torch.library.custom_op("internvit_fast::rms_norm_fp8", mutates_args=())
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm(x) * weight as e4m3 with 1 x 128 scales, in one pass over x."""
-    q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    s = torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(x)
     rms_norm_fp8_launch(x, weight, eps, q, s)
     return q, s
 
 
 @rms_norm_fp8.register_fake
 def _(x, weight, eps=1e-6):
-    return (torch.empty(x.shape, dtype=FP8, device=x.device),
-            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+    return empty_quantized(x)
 
 
 @torch.library.custom_op("internvit_fast::fp8_linear", mutates_args=())
@@ -295,10 +300,7 @@ def fp8_linear_residual_norm(q: torch.Tensor, s: torch.Tensor, wq: torch.Tensor,
 
 @fp8_linear_residual_norm.register_fake
 def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
-    if norm_weight is None:
-        return x.new_empty(x.shape), x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
-    return (x.new_empty(x.shape), torch.empty(x.shape, dtype=FP8, device=x.device),
-            torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device))
+    return (x.new_empty(x.shape), *empty_quantized(x, empty=norm_weight is None))
 
 
 # --- the unfused alternative: cuBLASLt's block-scaled GEMM, then row kernels -------------------
@@ -375,9 +377,8 @@ def residual_fused(q, s, wq, ws, bias, gamma, x, norm_weight, eps, config=None):
                   config=config)
     x_new = x_new.view(x.shape)
     if norm_weight is None:
-        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
-    hq, hs = rms_norm_fp8(x_new, norm_weight, eps)
-    return x_new, hq, hs
+        return (x_new, *empty_quantized(x, empty=True))
+    return (x_new, *rms_norm_fp8(x_new, norm_weight, eps))
 
 
 def residual_unfused(q, s, wq, ws, bias, gamma, x, norm_weight, eps):
@@ -385,10 +386,9 @@ def residual_unfused(q, s, wq, ws, bias, gamma, x, norm_weight, eps):
     y = scaled_mm(rows_of(q), rows_of(s), wq, ws, bias, x.dtype).view(x.shape)
     if norm_weight is None:
         x_new, _ = _rms.residual_rms_norm(x, y, gamma, None, eps)
-        return x_new, x.new_empty(0, dtype=FP8), x.new_empty(0, dtype=torch.float32)
+        return (x_new, *empty_quantized(x, empty=True))
     x_new = torch.empty_like(x)
-    hq = torch.empty(x.shape, dtype=FP8, device=x.device)
-    hs = torch.empty((*x.shape[:-1], groups(x.shape[-1])), dtype=torch.float32, device=x.device)
+    hq, hs = empty_quantized(x)
     rms_norm_fp8_launch(x, norm_weight, eps, hq, hs, y=y, gamma=gamma, x_out=x_new)
     return x_new, hq, hs
 
@@ -575,18 +575,14 @@ def _fp8_choice(epilogue: str) -> Choice:
     """The fused op against cuBLASLt + row kernels (on a CPU: the torch GEMM + row kernels)."""
     def qs(i):
         return i["q"], i["s"], i["wq"], i["ws"], i["bias"]
+    def fused(i, cfg=None):  # the spec's own launch (qkv, fc1)
+        o = _fp8_outputs(epilogue)(i)
+        _fp8_run(epilogue)(i, o, cfg)
+        return o
     if epilogue == "none":
-        def fused(i, cfg=None):
-            y = torch.empty((i["q"].shape[0], i["wq"].shape[0]), dtype=i["bias"].dtype, device=i["q"].device)
-            linear_launch(i["q"], i["wq"], i["bias"], y, "none", a_scale=i["s"], w_scale=i["ws"], config=cfg)
-            return {"y": y}
         return Choice(fused=fused, unfused=lambda i: {"y": scaled_mm(*qs(i), i["bias"].dtype)},
                       describe_unfused="cuBLASLt block-scaled GEMM (torch scaled_mm)")
     if epilogue == "gelu":
-        def fused(i, cfg=None):
-            o = _fp8_outputs("gelu")(i)
-            _fp8_run("gelu")(i, o, cfg)
-            return o
         return Choice(fused=fused, unfused=lambda i: dict(zip(("q", "s"), gelu_unfused(*qs(i), i["bias"].dtype))),
                       describe_unfused="cuBLASLt GEMM + in-place GELU kernel + quantize_fp8")
     names = ("x_new", "hq", "hs")
