@@ -395,7 +395,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         print("gpu_run: CUDA is not available; this run needs an H100/H200 (use --smoke on CPU)", file=sys.stderr)
         return 2
-    env = dict(os.environ)
+    # The stages' own pytest processes must measure: pytest-benchmark switches itself off
+    # in any process that inherits an xdist worker's PYTEST_XDIST_* variables (a run started
+    # from a parallel test session, as the CPU suite's smoke test is).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     if args.smoke:  # CPU shapes through the interpreter, also on a machine that has a GPU
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
