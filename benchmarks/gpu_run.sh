@@ -12,12 +12,11 @@ export PYTHONUNBUFFERED=1
 if ! python -c "import internvit_fast.kernels" 2>/dev/null; then
   if ! python -m pip install -q --no-deps --no-build-isolation --no-index -e . ; then
     # No usable setuptools for an editable build: lay the package out by hand (kernels/ is
-    # installed as internvit_fast.kernels). A link, not a copy: the tuner writes its table
-    # into the repository's kernels/tuned/.
-    pkg=$(mktemp -d)
-    cp -r internvit_fast "$pkg/internvit_fast"
-    ln -s "$PWD/kernels" "$pkg/internvit_fast/kernels"
-    export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
+    # installed as internvit_fast.kernels) in the working tree itself. The run and its
+    # child processes start in the repository root, whose internvit_fast/ comes first on
+    # sys.path and would hide a copy elsewhere. A link, not a copy: the tuner writes its
+    # table into the repository's kernels/tuned/.
+    [ -e internvit_fast/kernels ] || ln -s ../kernels internvit_fast/kernels
   fi
 fi
 exec python -m benchmarks.gpu_run "$@"
