@@ -369,7 +369,8 @@ def predictions(arch: int = 90) -> Dict[str, Dict[str, float]]:
 
 
 def print_block(moved: List[dict], out=sys.stdout) -> int:
-    """The per-block table of the cost model at the main shape: eager, torch.compile, fast."""
+    """The per-block table of the cost model at the main shape: eager, torch.compile, fast,
+    and the fast path's floor (costs.block_table)."""
     pred = {t["kernel"]: t["predicted_us"] for t in moved if "predicted_us" in t}
     need = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
     if any(k not in pred for k in need):
@@ -384,6 +385,8 @@ def print_block(moved: List[dict], out=sys.stdout) -> int:
             print(f"{path:<14} {total:7.0f} us  ({parts})", file=out)
         e, c, f = (sum(paths[p].values()) for p in ("eager", "torch.compile", "fast"))
         print(f"fast vs eager x{e / f:.2f}, vs torch.compile x{c / f:.2f}", file=out)
+        print(f"fast floor (GEMMs at cuBLAS's rate, no tile quantization, epilogues free) vs torch.compile "
+              f"x{c / sum(paths['fast floor'].values()):.3f}: the most this design can reach", file=out)
         if "fast fp8" in paths:
             f8 = sum(paths["fast fp8"].values())
             print(f"fast fp8 vs fast x{f / f8:.2f}, vs torch.compile x{c / f8:.2f}", file=out)

@@ -154,7 +154,14 @@ def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, D
     kernels at their minimum bytes, which is what the unfused alternatives cost. Fast: for
     each fused op the cheaper of the gate's prediction of it and its unfused alternative
     (the tuned table's choice), the row kernels at their minimum. Attention (one backend for
-    all three) and the qkv GEMM (plain cuBLAS everywhere) are common."""
+    all three) and the qkv GEMM (plain cuBLAS everywhere) are common.
+
+    "fast floor": the most the fast path's design can reach, its GEMMs at cuBLAS's rate with
+    no tile quantization and their epilogues free, and only the row traffic it cannot fuse
+    into a GEMM: QK-norm and the norms after proj and fc2, each over whole 3200-wide rows
+    that no output tile holds, at their minimum bytes. A target above torch.compile / floor
+    is out of this design's reach (the fast path would need to beat cuBLAS's GEMMs or fuse
+    those norms into the next GEMM or into attention)."""
     el, rows, c, h = s.el, s.rows, s.width, s.hidden
     act = rows * c * el
     out = {}
@@ -178,7 +185,9 @@ def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, D
                     fc1_gelu=min(gemm_pred["linear_gelu"][name], fc1 + gelu),
                     fc2_residual_next_norm=min(gemm_pred["linear_residual[fc2]"][name] + norm_min,
                                                fc2 + res_norm_min))
-        out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast}
+        floor = dict(qkv=qkv, qk_norm=qk_min, attention=att, proj_norm2=proj + norm_min, fc1_gelu=fc1,
+                     fc2_next_norm=fc2 + norm_min)
+        out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast, "fast floor": floor}
         fp8 = ("fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]", "fp8_linear_residual[fc2]")
         if all(k in gemm_pred for k in fp8):
             # precision="fp8": the norms write e4m3 (a row read, a byte and a scale per 128 written),

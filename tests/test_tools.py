@@ -108,6 +108,7 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     for path in ("eager", "torch.compile", "fast"):  # --block's table, on stderr beside --json
         assert len(re.findall(rf"^{re.escape(path)} +\d+ us", p.stderr, re.M)) == 2, p.stderr  # one per card
     assert "fast vs eager x" in p.stderr and "vs torch.compile x" in p.stderr
+    assert len(re.findall(r"^fast floor .* vs torch.compile x\d\.\d{3}", p.stderr, re.M)) == 2, p.stderr
 
 
 def test_gate_builds_the_tuners_candidates():
@@ -145,6 +146,28 @@ def test_cost_model_moves_the_way_the_builds_say():
     assert costs.gemm_us(card, **dict(base, ctas_per_sm=2)) == pytest.approx(tiles_per_sm * mma)  # hidden
     assert costs.gemm_us(card, **dict(base, bytes_moved=10 ** 10)) == pytest.approx(10 ** 10 / 3.0e6)  # memory floor, us
     assert costs.memory_us(costs.CARDS["h200"], 4.3e9) == pytest.approx(1000.0)
+
+
+def test_block_floor_is_the_fast_path_with_ideal_gemms():
+    """The floor equals the fast column when each fused GEMM is predicted at exactly cuBLAS's
+    time, lies below it otherwise, and keeps the norms no tile can hold (QK-norm, the norms
+    after proj and fc2) at their minimum bytes."""
+    from internvit_fast import costs
+    from internvit_fast.kernels.registry import main_shape
+    s = main_shape()
+    for name, card in costs.CARDS.items():
+        ideal = {"linear_gelu": costs.cublas_us(card, s.rows, s.hidden, s.width),
+                 "linear_residual[proj]": costs.cublas_us(card, s.rows, s.width, s.width),
+                 "linear_residual[fc2]": costs.cublas_us(card, s.rows, s.width, s.hidden)}
+        pred = {k: {n: v if n == name else 1.0 for n in costs.CARDS} for k, v in ideal.items()}
+        t = costs.block_table(pred, s)[name]
+        floor = sum(t["fast floor"].values())
+        assert sum(t["fast"].values()) == pytest.approx(floor)
+        norms = costs.memory_us(card, 4 * s.rows * s.width * s.el) + 2 * costs.memory_us(card, 2 * s.rows * s.width * s.el)
+        gemms = sum(ideal.values()) + costs.cublas_us(card, s.rows, 3 * s.width, s.width)
+        assert floor == pytest.approx(gemms + t["fast"]["attention"] + norms)
+        slower = {k: {n: v * 1.1 for n, v in d.items()} for k, d in pred.items()}
+        assert sum(costs.block_table(slower, s)[name]["fast"].values()) > floor
 
 
 def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
