@@ -9,7 +9,10 @@ SDPA backend on Hopper (sm_90): cuDNN attention first, then FlashAttention-2, th
 the others (``SM90_PRIORITY``). Torch's own default order puts flash first and reaches
 cuDNN only when asked (torch 2.13 on the project's machines); cuDNN's Hopper kernels
 are usually the faster ones at head_dim 128. ``sdpa_backend`` names the backend SDPA
-picks for given inputs; the GPU run records it.
+picks for given inputs; the GPU run records it. cuDNN can accept inputs and then fail
+when it runs them (pytorch/pytorch#140930, "No execution plans support the graph"): the
+first such failure of an eager call is warned about once and the process goes on with
+torch's own order (``CUDNN_FAILED``), rather than every attention call failing.
 
 Layouts handed over without a copy (read in torch's aten/src/ATen/native/transformers/
 cuda/sdp_utils.cpp): flash and cuDNN need only a unit stride in the last dimension
@@ -22,6 +25,7 @@ batch/row/head strides. The fast path gives q and k as views of one (2, B, N, C)
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,9 @@ except Exception:  # noqa: BLE001
 SM90_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 _NAMES = {int(b): b.name.lower() for b in SM90_PRIORITY}
+# The first cuDNN attention failure of this process (see attend); from then on SDPA runs in
+# torch's own backend order, in eager and in graphs compiled afterwards.
+CUDNN_FAILED: list = []
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,9 +64,14 @@ def sdpa_priority(q: torch.Tensor):
     """The context that orders SDPA's backends for ``q``: cuDNN first on sm_90, else torch's."""
     # Also while torch.compile traces (dynamo traces this context manager): a compiled model
     # must run the same attention backend as eager, or a comparison measures backends.
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9:
+    if cudnn_first(q):
         return sdpa_kernel(SM90_PRIORITY, set_priority=True)
     return contextlib.nullcontext()
+
+
+def cudnn_first(q: torch.Tensor) -> bool:
+    """Whether SDPA asks cuDNN first for ``q``: on sm_90, until cuDNN has failed once here."""
+    return q.is_cuda and not CUDNN_FAILED and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str:
@@ -77,5 +89,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if backend == "flash_attn":  # takes (B, N, H, D): a free transpose of our layout
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
-    with sdpa_priority(q):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if torch.compiler.is_compiling() or not cudnn_first(q):
+        with sdpa_priority(q):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    try:
+        with sdpa_priority(q):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        # Only cuDNN's own failure, and not inside a CUDA graph capture (which it invalidated).
+        if (q.is_cuda and torch.cuda.is_current_stream_capturing()) or sdpa_backend(q, k, v, scale) != "cudnn_attention":
+            raise
+        CUDNN_FAILED.append(f"{type(e).__name__}: {e}"[:500])
+        warnings.warn(f"cuDNN attention failed on inputs {tuple(q.shape)} {q.dtype} ({CUDNN_FAILED[0]}); SDPA runs "
+                      "in torch's own backend order from now on in this process", RuntimeWarning)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -94,6 +94,40 @@ def test_sdpa_and_naive_attention_agree():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cudnn_attention_failure_falls_back_to_torchs_order_once(monkeypatch):
+    """cuDNN attention that accepts inputs and then fails at run time (pytorch#140930): the
+    first failure warns and later calls run in torch's own order; any other failure (another
+    backend's, out of memory) is raised as it is. (On a CPU: cuDNN-first and the backend
+    choice stood in for.)"""
+    from internvit_fast import attention
+    monkeypatch.setattr(attention, "CUDNN_FAILED", [])
+    monkeypatch.setattr(attention, "cudnn_first", lambda q: not attention.CUDNN_FAILED)
+    backend = ["cudnn_attention"]
+    monkeypatch.setattr(attention, "sdpa_backend", lambda q, k, v, scale: backend[0])
+    real, calls, error = F.scaled_dot_product_attention, [], [RuntimeError("No execution plans support the graph.")]
+
+    def sdpa(q, k, v, scale=None):
+        calls.append("cudnn first" if attention.cudnn_first(q) else "torch's order")
+        if calls[-1] == "cudnn first":
+            raise error[0]
+        return real(q, k, v, scale=scale)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    q, k, v = (torch.randn(2, 3, 17, 16) for _ in range(3))
+    want = attention.naive_attention(q, k, v, 0.25)
+    with pytest.warns(RuntimeWarning, match="cuDNN attention failed .*No execution plans"):
+        torch.testing.assert_close(attention.attend(q, k, v, 0.25, True), want)
+    assert len(attention.CUDNN_FAILED) == 1
+    torch.testing.assert_close(attention.attend(q, k, v, 0.25, True), want)
+    assert calls == ["cudnn first", "torch's order", "torch's order"]
+    for what, err in (("flash_attention", RuntimeError("flash failed")),
+                      ("cudnn_attention", torch.OutOfMemoryError("out of memory"))):
+        attention.CUDNN_FAILED.clear()
+        backend[0], error[0] = what, err
+        with pytest.raises(type(err), match=str(err)):
+            attention.attend(q, k, v, 0.25, True)
+        assert attention.CUDNN_FAILED == []
+
+
 def test_feature_shapes_and_dtypes_without_fpn():
     m = small_model(out_indices=[0, 3])
     outs = m(torch.randn(2, 3, 56, 84))
