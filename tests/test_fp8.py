@@ -95,6 +95,27 @@ def test_fc1_epilogue_quantizes_exactly_as_the_row_kernel_would(device, width):
     assert torch.equal(uq.view(torch.uint8), want_q.view(torch.uint8))
 
 
+@pytest.mark.parametrize("width", [256, 100])
+def test_quantized_output_past_n_writes_no_scale(device, width):
+    """A column tile wider than what is left of N (BLOCK_N 256 over N = 384): its second
+    128-column sub-tile lies wholly past N and must store no scale; unmasked, it wrote a
+    2^-126 over the next row's first scale, and past the last row's end."""
+    rows, hidden = 37, 384
+    q, s = K.quantize_ref(torch.randn(rows, width).to(device, torch.bfloat16))
+    wq, ws = K.quantize_weight(torch.randn(hidden, width, device=device) * width ** -0.5)
+    u = torch.full((rows, hidden), float("nan"), dtype=torch.bfloat16, device=device)
+    linear_launch(q, wq, None, u, "gelu", a_scale=s, w_scale=ws)
+    uq = torch.full((rows, hidden), float("nan"), dtype=FP8, device=device)
+    room = torch.full((rows * K.groups(hidden) + 64,), float("nan"), device=device)  # a guard past the end
+    us = room[:rows * K.groups(hidden)].view(rows, K.groups(hidden))
+    cfg = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64, GROUP_M=1, EPI_SPLIT=2, num_warps=4, num_stages=1)
+    linear_launch(q, wq, None, uq, "gelu", a_scale=s, w_scale=ws, out_scale=us, act_dtype=torch.bfloat16, config=cfg)
+    want_q, want_s = K.quantize_fp8(u)
+    assert torch.equal(us, want_s)
+    assert torch.equal(uq.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.isnan(room[rows * K.groups(hidden):]).all()
+
+
 def test_fp8_gemm_rejects_bad_operands(device):
     q, s = K.quantize_ref(torch.randn(8, 256).to(device))
     wq, ws = K.quantize_weight(torch.randn(128, 256, device=device))
