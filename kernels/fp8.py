@@ -196,7 +196,7 @@ class Fp8Activation(NamedTuple):
 
 
 NORM_OP = "rms_norm_fp8"
-RES_NORM_OP = "residual_rms_norm_fp8"
+RES_NORM_OP = _rms.RES_FP8_OP
 
 
 def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: torch.Tensor, s: torch.Tensor,
@@ -210,26 +210,22 @@ def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: to
     op = NORM_OP if y is None else RES_NORM_OP
     if (y is None) != (x_out is None) or (gamma is not None and y is None):
         raise ValueError(f"{op}: y and x_out go together (gamma with them)")
-    check_tensors(op, ("x", x), ("weight", weight), *[(nm, t) for nm, t in (("y", y), ("x_out", x_out),
-                                                                            ("gamma", gamma)) if t is not None])
-    n = weight.shape[-1]
-    for name, t in (("weight", weight), ("gamma", gamma)):
-        if t is not None and (t.ndim != 1 or t.dtype != x.dtype):
-            raise ValueError(f"{op}: {name} must be 1-D in x's dtype {x.dtype}, got {tuple(t.shape)} {t.dtype}")
-    if gamma is not None and gamma.shape != weight.shape:
-        raise ValueError(f"{op}: gamma has shape {tuple(gamma.shape)}, weight {tuple(weight.shape)}")
-    check_row_width(op, "x", n)
-    for name, t in (("y", y), ("x_out", x_out)):
-        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
-            raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype}, expected {tuple(x.shape)} {x.dtype} like x")
-    x2 = as_rows(op, "x", x, n)
-    y2, xo = (as_rows(op, nm, t, n) if t is not None else None for nm, t in (("y", y), ("x_out", x_out)))
+    check_tensors(op, ("x", x), ("weight", weight))
+    if x.ndim == 0:
+        raise ValueError(f"{op}: x is 0-d (a scalar); expected rows")
+    n = x.shape[-1]
     for name, t, dtype, shape in (("q", q, FP8, tuple(x.shape)), ("s", s, torch.float32, (*x.shape[:-1], groups(n)))):
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
             raise ValueError(f"{op}: {name} must be a contiguous {shape} {dtype} tensor on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
-    _rms._launch(op, x2, y2, gamma.contiguous() if gamma is not None else None, weight.contiguous(), xo,
-                 q.view(-1, n), eps, config, hs=s.view(-1, groups(n)))
+    if y is not None:  # the residual kernel's own checks for x, y, gamma, weight and x_out
+        _rms.residual_rms_norm_launch(x, y, gamma, weight, eps, x_out, q, config, h_scale=s)
+        return
+    if tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
+        raise ValueError(f"{op}: weight must be ({n},) in x's dtype {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    check_row_width(op, "x", n)
+    _rms._launch(op, as_rows(op, "x", x, n), None, None, weight.contiguous(), None, q.view(-1, n), eps, config,
+                 hs=s.view(-1, groups(n)))
 
 
 @torch.library.custom_op("internvit_fast::rms_norm_fp8", mutates_args=())

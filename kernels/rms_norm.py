@@ -39,6 +39,7 @@ from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
 
 OP, RES_OP, BWD_OP = "rms_norm", "residual_rms_norm", "rms_norm_backward"
+RES_FP8_OP = "residual_rms_norm_fp8"  # the residual kernel writing h in e4m3 (kernels/fp8.py)
 # The rounding points above must survive compilation: every plan of these kernels is built
 # without FMA contraction.
 FP_FUSION = False
@@ -364,10 +365,12 @@ rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
 def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                              weight: Optional[torch.Tensor], eps: float, x_out: torch.Tensor,
                              h_out: Optional[torch.Tensor], config: Optional[dict] = None,
-                             rowscale: Optional[torch.Tensor] = None) -> None:
+                             rowscale: Optional[torch.Tensor] = None, h_scale: Optional[torch.Tensor] = None) -> None:
     """Check the inputs, then write x_new into ``x_out`` and, with ``weight``, h into ``h_out``.
-    ``rowscale`` (x.shape[:-1]) scales each row of gamma * y (drop path)."""
-    op = RES_OP
+    ``rowscale`` (x.shape[:-1]) scales each row of gamma * y (drop path). ``h_scale``: h_out
+    is e4m3, written with its 1 x 128 scales into h_scale (the op residual_rms_norm_fp8, whose
+    launcher in kernels/fp8.py checks those two and calls this one)."""
+    op = RES_OP if h_scale is None else RES_FP8_OP
     if rowscale is not None:
         check_tensors(op, ("rowscale", rowscale))
         if tuple(rowscale.shape) != tuple(x.shape[:-1]) or rowscale.dtype != x.dtype:
@@ -377,7 +380,7 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
         raise ValueError(f"{op}: pass weight and h_out together, or neither")
     named = [("x", x), ("y", y), ("x_out", x_out)]
     named += [] if gamma is None else [("gamma", gamma)]
-    named += [] if weight is None else [("weight", weight), ("h_out", h_out)]
+    named += [] if weight is None else [("weight", weight)] + ([("h_out", h_out)] if h_scale is None else [])
     check_tensors(op, *named)
     n = x.shape[-1]
     check_row_width(op, "x", n)
@@ -394,7 +397,8 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
     ho = as_rows(op, "h_out", h_out, n) if h_out is not None else None
     _launch(op, x2, y2, gamma.contiguous() if gamma is not None else None,
             weight.contiguous() if weight is not None else None, xo, ho, eps, config,
-            rowscale.contiguous().reshape(-1) if rowscale is not None else None)
+            rowscale.contiguous().reshape(-1) if rowscale is not None else None,
+            h_scale.view(-1, h_scale.shape[-1]) if h_scale is not None else None)
 
 
 @torch.library.custom_op("internvit_fast::residual_rms_norm", mutates_args=())

@@ -613,12 +613,18 @@ def test_residual_norm_fp8_without_layerscale_and_its_guards(device):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s, y=y)
     with pytest.raises(ValueError, match="y and x_out go together"):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s, gamma=w)
-    with pytest.raises(ValueError, match="gamma has shape"):
+    with pytest.raises(ValueError, match="gamma must have shape"):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s, y=y, gamma=w[:128].contiguous(), x_out=x_new)
     with pytest.raises(ValueError, match="y is .* expected"):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s, y=y[:4], x_out=x_new)
     with pytest.raises(ValueError, match="x_out is .* expected"):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s, y=y, x_out=x_new.float())
+    with pytest.raises(ValueError, match=r"residual_rms_norm_fp8: weight must have shape \(384,\)"):
+        K.rms_norm_fp8_launch(x, w[:256].contiguous(), 1e-6, q, s, y=y, x_out=x_new)
+    with pytest.raises(ValueError, match=r"^rms_norm_fp8: weight must be \(384,\) in x's dtype"):
+        K.rms_norm_fp8_launch(x, w.float(), 1e-6, q, s)
+    with pytest.raises(ValueError, match="residual_rms_norm_fp8: s must be a contiguous"):
+        K.rms_norm_fp8_launch(x, w, 1e-6, q, s[:, :2], y=y, x_out=x_new)
 
 
 def test_fp8_cost_column_takes_the_cheaper_of_fused_and_cublas():
