@@ -202,8 +202,10 @@ def _finish(acc, x, bias, gamma, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOC
         # Columns past N (the pointer path wraps them onto real ones) stay out of the group's max.
         u = tl.where(rn[None, :] < N, cast(y, ty).to(tl.float32), 0.0)
         out, scale = fp8_quantize_groups(u)
-        # (a sub-tile wholly past N, the second half of a last column tile, stores no scale)
-        tl.store(Y_SCALE + rm.to(tl.int64) * tl.cdiv(N, 128) + off_n // 128, scale, mask=(rm < M) & (off_n < N))
+        # A sub-tile wholly past N (the second half of a last column tile) stores no scale. (The
+        # column test as a tensor: triton 3.9's interpreter refuses a scalar-and-tensor mask.)
+        tl.store(Y_SCALE + rm.to(tl.int64) * tl.cdiv(N, 128) + off_n // 128, scale,
+                 mask=(rm < M) & (rm * 0 + off_n < N))
     else:
         out = cast(y, ty)
     if USE_TMA:
