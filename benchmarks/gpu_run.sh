@@ -16,7 +16,7 @@ if ! python -c "import internvit_fast.kernels" 2>/dev/null; then
     # child processes start in the repository root, whose internvit_fast/ comes first on
     # sys.path and would hide a copy elsewhere. A link, not a copy: the tuner writes its
     # table into the repository's kernels/tuned/.
-    [ -e internvit_fast/kernels ] || ln -s ../kernels internvit_fast/kernels
+    [ -e internvit_fast/kernels ] || ln -sfn ../kernels internvit_fast/kernels  # (-f: a dangling link)
   fi
 fi
 exec python -m benchmarks.gpu_run "$@"

@@ -98,8 +98,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as e:
-        # Only cuDNN's own failure, and not inside a CUDA graph capture (which it invalidated).
-        if (q.is_cuda and torch.cuda.is_current_stream_capturing()) or sdpa_backend(q, k, v, scale) != "cudnn_attention":
+        # Only cuDNN's own failure ("cuDNN Frontend error: ..."; not a CUDA fault of an earlier
+        # kernel surfacing here), and not inside a CUDA graph capture (which it invalidated).
+        if ("cudnn" not in str(e).lower() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+                or sdpa_backend(q, k, v, scale) != "cudnn_attention"):
             raise
         CUDNN_FAILED.append(f"{type(e).__name__}: {e}"[:500])
         warnings.warn(f"cuDNN attention failed on inputs {tuple(q.shape)} {q.dtype} ({CUDNN_FAILED[0]}); SDPA runs "

@@ -1,4 +1,5 @@
 """The reference model against an independent statement of upstream's math, and its behaviour."""
+import contextlib
 import math
 
 import pytest
@@ -104,7 +105,8 @@ def test_a_cudnn_attention_failure_falls_back_to_torchs_order_once(monkeypatch):
     monkeypatch.setattr(attention, "cudnn_first", lambda q: not attention.CUDNN_FAILED)
     backend = ["cudnn_attention"]
     monkeypatch.setattr(attention, "sdpa_backend", lambda q, k, v, scale: backend[0])
-    real, calls, error = F.scaled_dot_product_attention, [], [RuntimeError("No execution plans support the graph.")]
+    real, calls = F.scaled_dot_product_attention, []
+    error = [RuntimeError("cuDNN Frontend error: No execution plans support the graph.")]
 
     def sdpa(q, k, v, scale=None):
         calls.append("cudnn first" if attention.cudnn_first(q) else "torch's order")
@@ -120,12 +122,30 @@ def test_a_cudnn_attention_failure_falls_back_to_torchs_order_once(monkeypatch):
     torch.testing.assert_close(attention.attend(q, k, v, 0.25, True), want)
     assert calls == ["cudnn first", "torch's order", "torch's order"]
     for what, err in (("flash_attention", RuntimeError("flash failed")),
-                      ("cudnn_attention", torch.OutOfMemoryError("out of memory"))):
+                      ("cudnn_attention", torch.OutOfMemoryError("out of memory")),
+                      ("cudnn_attention", RuntimeError("CUDA error: an illegal memory access was encountered"))):
         attention.CUDNN_FAILED.clear()
         backend[0], error[0] = what, err
         with pytest.raises(type(err), match=str(err)):
             attention.attend(q, k, v, 0.25, True)
         assert attention.CUDNN_FAILED == []
+
+
+def test_cudnn_is_asked_first_on_sm90_until_it_fails(monkeypatch):
+    """The real switch: cuDNN first for a CUDA tensor on sm_90, torch's own order after a
+    recorded failure (and on other cards)."""
+    import types
+    from internvit_fast import attention
+    monkeypatch.setattr(attention, "CUDNN_FAILED", [])
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap[0])
+    q = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    assert attention.cudnn_first(q) and not isinstance(attention.sdpa_priority(q), contextlib.nullcontext)
+    attention.CUDNN_FAILED.append("RuntimeError: cuDNN Frontend error")
+    assert not attention.cudnn_first(q) and isinstance(attention.sdpa_priority(q), contextlib.nullcontext)
+    attention.CUDNN_FAILED.clear()
+    cap[0] = (8, 0)
+    assert not attention.cudnn_first(q)
 
 
 def test_feature_shapes_and_dtypes_without_fpn():
