@@ -166,6 +166,26 @@ def loads_after_first_store(sass: str) -> int:
     return sum(op == "LDG" for op in ops[first:])
 
 
+def stream_k_meeting(ptx: str) -> Optional[str]:
+    """What is wrong with a stream-K build's meeting of a cut tile's two pieces, read off the
+    PTX (None: nothing). The piece's partial sum is stored by every thread, then one thread
+    counts it in with an atomic: that atomic must be acq_rel at gpu scope (release: the
+    partial is visible before the count; acquire: the piece counted second sees the other's),
+    and a CTA barrier must stand between the stores and it, or the other threads' stores are
+    not ordered before the release (Triton inserts none for global memory)."""
+    lines = ptx.splitlines()
+    atoms = [i for i, line in enumerate(lines) if re.search(r"\batom\.global\.", line)]
+    if not atoms:
+        return "stream-K build without the atomic that counts a cut tile's pieces"
+    for i in atoms:
+        if not re.search(r"\batom\.global\.gpu\.acq_rel\.", lines[i]):
+            return f"stream-K's counter atomic is not acq_rel at gpu scope: {lines[i].strip()}"
+        before = next((line for line in reversed(lines[:i]) if re.search(r"\b(st\.global|bar\.sync)", line)), "")
+        if "bar.sync" not in before:
+            return "stream-K's partial sums are stored with no CTA barrier before the atomic that releases them"
+    return None
+
+
 def contracted_fmas(ptx: str, llir: str) -> int:
     """fma instructions in the PTX that a multiply and an add were contracted into.
 
@@ -206,7 +226,7 @@ def is_gemm(plan: LaunchPlan) -> bool:
 
 
 def _config(plan: LaunchPlan) -> str:
-    skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K"}
+    skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K", "REVERSE_PROGRAMS"}
     cfg = ",".join(f"{k}={v}" for k, v in plan.constexprs.items() if k not in skip)
     return f"{cfg},w{plan.options['num_warps']},s{plan.options.get('num_stages', 1)}"
 
@@ -259,6 +279,10 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
             fail.append(f"{ctas} CTAs per SM planned, but {rec['registers']} registers x "
                         f"{32 * plan.options['num_warps']} threads and {rec['shared_bytes']} bytes of shared "
                         f"memory do not fit {ctas} on an SM")
+        if plan.constexprs.get("STREAM_K"):
+            meeting = stream_k_meeting(ptx)
+            if meeting:
+                fail.append(meeting)
         if plan.constexprs.get("USE_TMA") and not rec["tma"]:
             fail.append("built for TMA but the PTX has no cp.async.bulk.tensor")
     elif rec["spills"]:
@@ -317,7 +341,7 @@ def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]
                                       plan.options["num_warps"], rec["epilogue_instructions"],
                                       rec.get("serial_waits_before_mma") or 0, bool(c.get("FLATTEN")), moved,
                                       tensor_cores=c.get("DOT_PRECISION") != "ieee",
-                                      fp8=bool(c.get("SCALED"))), 1)
+                                      fp8=bool(c.get("SCALED")), stream_k=bool(c.get("STREAM_K"))), 1)
             for name, card in costs.CARDS.items()}
 
 
@@ -385,6 +409,8 @@ def print_block(moved: List[dict], out=sys.stdout) -> int:
             print(f"{path:<14} {total:7.0f} us  ({parts})", file=out)
         e, c, f = (sum(paths[p].values()) for p in ("eager", "torch.compile", "fast"))
         print(f"fast vs eager x{e / f:.2f}, vs torch.compile x{c / f:.2f}", file=out)
+        pairs = costs.fused_vs_unfused(pred, main_shape())[card]
+        print("fused vs unfused: " + ", ".join(f"{op} {a:.0f} vs {b:.0f} us" for op, (a, b) in pairs.items()), file=out)
         print(f"fast floor (GEMMs at cuBLAS's rate, no tile quantization, epilogues free) vs torch.compile "
               f"x{c / sum(paths['fast floor'].values()):.3f}: the most this design can reach", file=out)
         if "fast fp8" in paths:

@@ -103,12 +103,15 @@ ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues per cycle: four schedulers
 # One TMA load's round trip that a tile waits for, the memory system loaded by the other SMs:
 # a lead (the #22 reading put the two serial waits of a tile at 2.5-3.5 us).
 WAIT_US = 1.5
+# Zeroing stream-K's counters before each launch (torch.zeros: one more launch in the
+# stream): a lead.
+MEMSET_US = 2.0
 ATTENTION_TFLOPS = 450.0  # lead: SDPA (cuDNN / FlashAttention) at head dim 128, 1297 tokens, not measured here
 
 
 def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas_per_sm: int, warps: int,
             epilogue_instructions: int, serial_waits: int, flatten: bool, bytes_moved: int,
-            tensor_cores: bool = True, fp8: bool = False) -> float:
+            tensor_cores: bool = True, fp8: bool = False, stream_k: bool = False) -> float:
     """The persistent GEMM's predicted microseconds.
 
     Per tile: the main loop at the tensor-core rate (the card's matmul rate shared by its
@@ -117,7 +120,11 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas
     the pipeline's fill at the tile's start (none when the tile loop is flattened). With two
     CTAs per SM one CTA's exposed time runs under the other's main loop, down to the tensor
     cores' own time. Tiles are dealt round-robin, so the busiest SM runs ceil(tiles / SMs) of
-    them. Never below the bytes moved at copy bandwidth."""
+    them; with stream-K (kernels/gemm.py: the last tiles shared out by K-steps) every SM runs
+    tiles / SMs of them, plus the split tiles' meeting: a piece's partial sum stored and
+    released, the other piece's loaded, two round trips (WAIT_US each) on a program's path,
+    and 3 x 4 bytes per output element of each of the (programs - 1) split tiles at most; and
+    the counters' zeroing (MEMSET_US). Never below the bytes moved at copy bandwidth."""
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     rate = (card["matmul_tflops"] if tensor_cores else card["fp32_tflops"]) * 1e6 / card["sms"]  # FLOP/us per SM
     if fp8:
@@ -126,7 +133,13 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas
     epilogue = epilogue_instructions * warps / ISSUE_PER_CYCLE / (card["clock_ghz"] * 1e3)
     exposed = epilogue + (serial_waits + (0 if flatten else 1)) * WAIT_US
     per_tile = mma + exposed if ctas_per_sm == 1 else max(mma, (mma + exposed) / ctas_per_sm)
-    return max(math.ceil(tiles / card["sms"]) * per_tile, bytes_moved / (card["copy_gbs"] * 1e3))
+    programs = ctas_per_sm * card["sms"]
+    if stream_k and tiles > programs and tiles % programs:
+        rounds, meeting = tiles / card["sms"], 2 * WAIT_US + MEMSET_US
+        bytes_moved += (programs - 1) * 3 * 4 * block_m * block_n
+    else:
+        rounds, meeting = math.ceil(tiles / card["sms"]), 0.0
+    return max(rounds * per_tile + meeting, bytes_moved / (card["copy_gbs"] * 1e3))
 
 
 def cublas_us(card: dict, m: int, n: int, k: int) -> float:
@@ -138,6 +151,24 @@ def cublas_us(card: dict, m: int, n: int, k: int) -> float:
 def memory_us(card: dict, bytes_moved: float) -> float:
     """A memory-bound kernel: its bytes at the measured copy bandwidth."""
     return bytes_moved / (card["copy_gbs"] * 1e3)
+
+
+def fused_vs_unfused(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """Each fused GEMM op of the fast block and its unfused alternative, predicted per card:
+    {card: {op: (fused us, unfused us)}}. Fused: the gate's prediction of the GEMM with its
+    epilogue, plus the norm of the new residual stream (a row kernel: no output tile holds a
+    whole 3200-wide row). Unfused: cuBLAS, then the row kernels at their minimum bytes (GELU in
+    place; the residual add fused with the norm)."""
+    el, rows, c, h = s.el, s.rows, s.width, s.hidden
+    out = {}
+    for name, card in CARDS.items():
+        norm, res_norm = memory_us(card, 2 * rows * c * el), memory_us(card, 4 * rows * c * el)
+        out[name] = dict(
+            proj_residual_norm2=(gemm_pred["linear_residual[proj]"][name] + norm, cublas_us(card, rows, c, c) + res_norm),
+            fc1_gelu=(gemm_pred["linear_gelu"][name], cublas_us(card, rows, h, c) + memory_us(card, 2 * rows * h * el)),
+            fc2_residual_next_norm=(gemm_pred["linear_residual[fc2]"][name] + norm,
+                                    cublas_us(card, rows, c, h) + res_norm))
+    return out
 
 
 def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -180,11 +211,8 @@ def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, D
         compiled = dict(norm1=norm_min, qkv=qkv, qk_norm=qk_min, attention=att, proj=proj,
                         residual1_norm2=res_norm_min, fc1=fc1, gelu=gelu, fc2=fc2, residual2_next_norm=res_norm_min)
         # (the fast block's first norm is the previous block's last: counted once, at the end)
-        fast = dict(qkv=qkv, qk_norm=qk_min, attention=att,
-                    proj_residual_norm2=min(gemm_pred["linear_residual[proj]"][name] + norm_min, proj + res_norm_min),
-                    fc1_gelu=min(gemm_pred["linear_gelu"][name], fc1 + gelu),
-                    fc2_residual_next_norm=min(gemm_pred["linear_residual[fc2]"][name] + norm_min,
-                                               fc2 + res_norm_min))
+        choices = fused_vs_unfused(gemm_pred, s)[name]
+        fast = dict(qkv=qkv, qk_norm=qk_min, attention=att, **{op: min(t) for op, t in choices.items()})
         floor = dict(qkv=qkv, qk_norm=qk_min, attention=att, proj_norm2=proj + norm_min, fc1_gelu=fc1,
                      fc2_next_norm=fc2 + norm_min)
         out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast, "fast floor": floor}

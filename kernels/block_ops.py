@@ -263,17 +263,20 @@ def _candidates(epilogue: str):
     def cands(arch: str):
         two = dict(CTAS_PER_SM=2)
         flat = dict(FLATTEN=True)
+        two_sk = dict(CTAS_PER_SM=2, STREAM_K=True)
         if arch == "smoke":
-            rows = [(32, 32, 32, 2, 4, 1, 1, {}), (16, 32, 32, 1, 4, 1, 1, two)]
-        # sm_90: the default (two CTAs) first, then one hypothesis each: the GPU run's tuner box
+            rows = [(32, 32, 32, 2, 4, 1, 1, {}), (16, 32, 32, 1, 4, 1, 1, two_sk)]
+        # sm_90: the default (two CTAs, stream-K) first, the same without stream-K, then one
+        # hypothesis each: the GPU run's tuner box
         # (~45 s, a Triton JIT per candidate) reached about 15 candidates by the plan's
         # estimate, so variants the model cannot tell apart and that test nothing new
         # (GROUP_M 16, an unsplit epilogue, 128-deep K steps, 128x64 tiles) were dropped.
         elif arch == "sm90" and epilogue == "gelu":
-            rows = [(128, 128, 64, 2, 4, 3, 8, two), (128, 256, 64, 2, 8, 3, 8, {}), (128, 128, 64, 2, 8, 4, 8, {}),
-                    (64, 256, 64, 2, 4, 4, 8, {}), (128, 128, 64, 2, 8, 4, 8, flat)]
+            rows = [(128, 128, 64, 2, 4, 3, 8, two_sk), (128, 128, 64, 2, 4, 3, 8, two), (128, 256, 64, 2, 8, 3, 8, {}),
+                    (128, 128, 64, 2, 8, 4, 8, {}), (64, 256, 64, 2, 4, 4, 8, {}), (128, 128, 64, 2, 8, 4, 8, flat)]
         elif arch == "sm90":  # (flattened, the residual epilogue spills in the loop)
-            rows = [(128, 128, 64, 2, 4, 3, 8, two), (128, 128, 64, 2, 8, 4, 8, {}), (64, 128, 64, 1, 4, 4, 8, {})]
+            rows = [(128, 128, 64, 2, 4, 3, 8, two_sk), (128, 128, 64, 2, 4, 3, 8, two), (128, 128, 64, 2, 8, 4, 8, {}),
+                    (64, 128, 64, 1, 4, 4, 8, {})]
         else:
             rows = [(128, 128, 32, 2, 8, 4, 8, {}), (128, 128, 64, 2, 8, 3, 8, {}), (128, 64, 32, 1, 4, 4, 8, {}),
                     (256, 128, 32, 2, 8, 3, 8, {})]

@@ -560,7 +560,8 @@ def _fp8_candidates(epilogue: str):
         if arch == "smoke":
             rows = [(16, 128, 64, 1, 4, 1, 2, {}), (32, 128, 128, 1, 4, 1, 2, two)]
         else:
-            rows = [(128, 128, 128, 1, 4, 3, 8, two), (128, 128, 128, 1, 8, 4, 8, {}), (128, 128, 64, 1, 8, 4, 8, {}),
+            rows = [(128, 128, 128, 1, 4, 3, 8, two), (128, 128, 128, 1, 8, 4, 8, {}),
+                    (128, 128, 128, 1, 8, 4, 8, dict(STREAM_K=True)), (128, 128, 64, 1, 8, 4, 8, {}),
                     (128, 256, 128, 2, 8, 3, 8, {}), (64, 128, 128, 1, 4, 4, 8, two)]
         return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EPI_SPLIT=sp, num_warps=w, num_stages=st, GROUP_M=g, **x)
                 for bm, bn, bk, sp, w, st, g, x in rows]

@@ -65,16 +65,19 @@ TABLE_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "lin
 # epilogue runs under the other's main loop. The cost model (costs.gemm_us, from the
 # builds' SASS) predicts this 15% faster for fc1 and 9% for proj than one 8-warp CTA per
 # SM (128x256 for fc1, whose GELU epilogue would otherwise stall the tensor cores ~15% of
-# each tile); the tuner measures both. sm_80: 128x128x32, 4 stages, fits the A100's shared
-# memory. fp32 runs full-precision FMA ("ieee": torch's default has no TF32) with small
+# each tile); the tuner measures both. Stream-K on top (at 504x504 batch 4, fc1's 4100 tiles
+# are 15.5 rounds of 264 programs, proj's and fc2's 1025 are 3.9: round-robin, the last
+# round leaves 3% of the SMs' time idle; the model: fc1 and fc2 547 us instead of 561 on an
+# H100); the tuner measures it against the same tiles without. sm_80: 128x128x32, 4 stages,
+# fits the A100's shared memory. fp32 runs full-precision FMA ("ieee": torch's default has no TF32) with small
 # tiles and pointer loads (through TMA the FMA loop spilled 368 bytes on sm_90). The
-# interpreter gets tiny tiles (it runs programs one by one), split epilogues and small
-# groups, so the CPU tests cover them.
+# interpreter gets tiny tiles (it runs programs one by one), split epilogues, small groups
+# and stream-K, so the CPU tests cover them.
 CONFIGS = {
     ("sm90", "gelu"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=4,
-                           num_stages=3, CTAS_PER_SM=2),
+                           num_stages=3, CTAS_PER_SM=2, STREAM_K=True),
     ("sm90", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=4,
-                               num_stages=3, CTAS_PER_SM=2),
+                               num_stages=3, CTAS_PER_SM=2, STREAM_K=True),
     ("sm80", "gelu"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
                            num_stages=4),
     ("sm80", "residual"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=2, num_warps=8,
@@ -84,9 +87,9 @@ CONFIGS = {
     ("fp32", "residual"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, EPI_SPLIT=1, num_warps=4,
                                num_stages=3, USE_TMA=False),
     ("interpreter", "gelu"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4,
-                                  num_stages=1),
+                                  num_stages=1, STREAM_K=True),
     ("interpreter", "residual"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2,
-                                      num_warps=4, num_stages=1),
+                                      num_warps=4, num_stages=1, STREAM_K=True),
 }
 for _arch in ("interpreter", "sm90", "sm80", "fp32"):  # a plain GEMM and fc1's backward: fc1's shapes
     CONFIGS[_arch, "none"] = CONFIGS[_arch, "gelu_grad"] = CONFIGS[_arch, "gelu"]
@@ -216,6 +219,84 @@ def _finish(acc, x, bias, gamma, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOC
 
 
 @triton.jit
+def _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, off_n, M, N, stride_xm, stride_ym,
+              BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, EPI_SPLIT: tl.constexpr, EPILOGUE: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_TMA: tl.constexpr, QUANT_OUT: tl.constexpr,
+              ACT: tl.constexpr):
+    """A finished tile's epilogue over its EPI_SPLIT column sub-tiles (x, bias, gamma per
+    sub-tile; the gelu_grad operand is loaded here, one sub-tile at a time: loaded before the
+    main loop it spilled)."""
+    if EPILOGUE == EPI_GELU_GRAD:
+        x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
+    if EPI_SPLIT == 2:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+        if EPILOGUE == EPI_GELU_GRAD:
+            x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
+        _finish(acc0, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+        _finish(acc1, x1, bias1, gamma1, Y, Y_SCALE, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
+                EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+    else:
+        _finish(acc, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
+                HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+
+
+@triton.jit
+def _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS: tl.constexpr):
+    """Program pid's share of the tiles under stream-K: (dp_tiles, dp_units, sk_lo, sk_hi, units).
+
+    When the tiles are not a whole number of rounds of the grid, the last
+    (num_tiles mod PROGRAMS) + PROGRAMS of them are dealt out as equal contiguous ranges of
+    their K-steps, [sk_lo, sk_hi) for program pid: each range holds at least one tile's steps,
+    so a tile has at most two pieces, whose edge is the edge between two programs' ranges.
+    The tiles before them (dp_tiles, whole rounds) go round-robin as without stream-K:
+    dp_units of them to this program; ``units`` counts its whole tiles and pieces."""
+    rem = num_tiles % PROGRAMS
+    split = (rem != 0) & (num_tiles > PROGRAMS)
+    dp_tiles = tl.where(split, num_tiles - rem - PROGRAMS, num_tiles)
+    steps = tl.where(split, rem + PROGRAMS, 0).to(tl.int64) * k_tiles
+    sk_lo = (pid * steps // PROGRAMS).to(tl.int32)
+    sk_hi = ((pid + 1) * steps // PROGRAMS).to(tl.int32)
+    dp_units = tl.cdiv(dp_tiles - pid, PROGRAMS)
+    units = dp_units + tl.where(sk_hi > sk_lo, (sk_hi - 1) // k_tiles - sk_lo // k_tiles + 1, 0)
+    return dp_tiles, dp_units, sk_lo, sk_hi, units
+
+
+@triton.jit
+def _work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS: tl.constexpr):
+    """Stream-K: (tile, first K-step, end K-step) of a program's u-th unit of work. The first
+    ``dp_units`` are whole tiles, pid + u * PROGRAMS (the data-parallel rounds); then the
+    program's contiguous range [sk_lo, sk_hi) of the remaining tiles' K-steps, numbered tile
+    after tile, cut at tile edges: a whole tile, or a piece of one whose other piece is the
+    neighbouring program's."""
+    t_sk = sk_lo // k_tiles + (u - dp_units)
+    dp = u < dp_units
+    tile = tl.where(dp, pid + u * PROGRAMS, dp_tiles + t_sk)
+    k_lo = tl.where(dp, 0, tl.maximum(sk_lo - t_sk * k_tiles, 0))
+    k_hi = tl.where(dp, k_tiles, tl.minimum(sk_hi - t_sk * k_tiles, k_tiles))
+    return tile, k_lo, k_hi
+
+
+@triton.jit
+def _meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A piece of a split tile: store its fp32 partial sum in its half of the tile's workspace
+    slot and count it in. Returns (acc plus the other piece's, True) to the piece counted
+    second, which finishes the tile; (acc, False) to the first. Nothing waits for the other
+    program, so no order of running programs can deadlock; fp32 addition commutes, so the sum
+    is the same bits whichever piece comes second."""
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    base = WORKSPACE + slot.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+    tl.store(base + mine * (BLOCK_M * BLOCK_N) + offs, acc)
+    # The counter's atomic is one thread's: without a CTA barrier, the other threads' stores
+    # above need not be visible when its release is (the gate checks the barrier is there).
+    tl.debug_barrier()
+    second = tl.atomic_add(COUNTERS + slot, 1, sem="acq_rel", scope="gpu") == 1
+    if second:  # (.cg: from L2, past this SM's L1)
+        acc += tl.load(base + (1 - mine) * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+    return acc, second
+
+
+@triton.jit
 def _linear_kernel(
     A,  # (M, K) activations: TMA descriptor, block [BLOCK_M, BLOCK_K]; or pointer, row stride stride_am
     W,  # (N, K) weight: descriptor, block [BLOCK_N, BLOCK_K]; or pointer, row stride stride_wn.
@@ -228,6 +309,8 @@ def _linear_kernel(
     A_SCALE,  # SCALED: (M, cdiv(K, 128)) fp32, contiguous
     W_SCALE,  # SCALED: (cdiv(N, 128), cdiv(K, 128)) fp32, contiguous
     Y_SCALE,  # QUANT_OUT: (M, cdiv(N, 128)) fp32, contiguous
+    WORKSPACE,  # STREAM_K: (PROGRAMS, 2, BLOCK_M * BLOCK_N) fp32, the split tiles' partial sums
+    COUNTERS,  # STREAM_K: (PROGRAMS,) int32, zeros: pieces of each split tile counted in
     M, N, K,
     stride_am, stride_wn, stride_xm, stride_ym,  # pointer path only; unit column strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -244,27 +327,47 @@ def _linear_kernel(
     SCALED: tl.constexpr = False,  # FP8 operands with group scales
     QUANT_OUT: tl.constexpr = False,  # e4m3 output with 1 x 128 scales (SUB_N == 128)
     ACT: tl.constexpr = 0,  # QUANT_OUT: the activation dtype rounded to before quantizing (ACT_CODES)
+    STREAM_K: tl.constexpr = False,  # the last round and a half of tiles shared out by K-steps (see plan_linear)
+    REVERSE_PROGRAMS: tl.constexpr = False,  # tests: program p does program (grid - 1 - p)'s work
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS, flatten=FLATTEN):
+    num_tiles = num_pid_m * num_pid_n
+    pid = tl.program_id(0)
+    if REVERSE_PROGRAMS:  # (the interpreter runs programs in order: this makes split tiles' pieces meet the other way)
+        pid = tl.num_programs(0) - 1 - pid
+    if STREAM_K:
+        dp_tiles, dp_units, sk_lo, sk_hi, units = _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
+    else:
+        units = tl.cdiv(num_tiles - pid, PROGRAMS)
+    for u in tl.range(0, units, flatten=FLATTEN):
+        if STREAM_K:
+            tile, k_lo, k_hi = _work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
+            whole = (k_lo == 0) & (k_hi == k_tiles)
+        else:
+            tile = pid + u * PROGRAMS
+            k_lo = 0
+            k_hi = k_tiles
+            whole = True
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         # The epilogue's operands first: their loads complete while the main loop runs.
-        # (An absent operand is stood in for by `cols`, which its flag keeps unread.)
+        # (An absent operand is stood in for by `cols`, which its flag keeps unread. Both
+        # pieces of a cut tile load them, not knowing which will finish it: a load after the
+        # meeting would put a DRAM round trip before the finishing piece's epilogue.)
         cols = off_n + tl.arange(0, SUB_N)
         bias0, gamma0, x0 = cols, cols, cols
+        bias1, gamma1, x1 = cols, cols, cols
         if HAS_BIAS:
             bias0 = _vector(BIAS, cols, N)
         if HAS_GAMMA:
             gamma0 = _vector(GAMMA, cols, N)
-        if EPILOGUE == EPI_RESIDUAL:  # (the gelu_grad operand waits for the epilogue: it would spill here)
+        if EPILOGUE == EPI_RESIDUAL:  # (the gelu_grad operand waits for the epilogue)
             x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
         if EPI_SPLIT == 2:
-            bias1, gamma1, x1 = cols, cols, cols
             if HAS_BIAS:
                 bias1 = _vector(BIAS, cols + SUB_N, N)
             if HAS_GAMMA:
@@ -275,7 +378,7 @@ def _linear_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             # Out-of-range rows, columns and K are zero-filled by the copy engine.
-            for ki in range(k_tiles):
+            for ki in range(k_lo, k_hi):
                 a = A.load([off_m, ki * BLOCK_K])
                 if W_KN:
                     b = W.load([ki * BLOCK_K, off_n])
@@ -295,14 +398,14 @@ def _linear_kernel(
             rm = (off_m + tl.arange(0, BLOCK_M)) % M
             rn = (off_n + tl.arange(0, BLOCK_N)) % N
             rk = tl.arange(0, BLOCK_K)
-            a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+            a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + (k_lo * BLOCK_K + rk)[None, :]
             if W_KN:
-                w_ptrs = W + rk[:, None].to(tl.int64) * stride_wn + rn[None, :]  # (BLOCK_K, BLOCK_N) of w
-                w_step = BLOCK_K * stride_wn
+                w_ptrs = W + (k_lo * BLOCK_K + rk)[:, None].to(tl.int64) * stride_wn + rn[None, :]
+                w_step = BLOCK_K * stride_wn  # (BLOCK_K, BLOCK_N) of w per step
             else:
-                w_ptrs = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w^T
-                w_step = BLOCK_K
-            for ki in range(k_tiles):
+                w_ptrs = W + rn[None, :].to(tl.int64) * stride_wn + (k_lo * BLOCK_K + rk)[:, None]
+                w_step = BLOCK_K  # (BLOCK_K, BLOCK_N) of w^T per step
+            for ki in range(k_lo, k_hi):
                 if EVEN_K:
                     a = tl.load(a_ptrs)
                     b = tl.load(w_ptrs)
@@ -321,19 +424,19 @@ def _linear_kernel(
                 a_ptrs += BLOCK_K
                 w_ptrs += w_step
 
-        if EPILOGUE == EPI_GELU_GRAD:
-            x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
-        if EPI_SPLIT == 2:
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
-            if EPILOGUE == EPI_GELU_GRAD:
-                x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
-            _finish(acc0, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
-                    HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
-            _finish(acc1, x1, bias1, gamma1, Y, Y_SCALE, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
-                    EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+        if STREAM_K:
+            finish = whole
+            if not whole:
+                # The piece that starts the tile ends program pid's range: slot pid (the edge
+                # between programs pid and pid + 1); the one that ends it starts the range: slot pid - 1.
+                mine = (k_lo > 0).to(tl.int32)
+                acc, finish = _meet_partial(acc, WORKSPACE, COUNTERS, pid - mine, mine, BLOCK_M, BLOCK_N)
+            if finish:
+                _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, off_n, M, N, stride_xm,
+                          stride_ym, BLOCK_M, SUB_N, EPI_SPLIT, EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
         else:
-            _finish(acc, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
-                    HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
+            _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, off_n, M, N, stride_xm,
+                      stride_ym, BLOCK_M, SUB_N, EPI_SPLIT, EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
 
 
 # --- the launch plan and the launcher ------------------------------------------------------------
@@ -399,8 +502,11 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     bm, bn, bk, split = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("EPI_SPLIT")
     warps, stages, group = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("GROUP_M")
     ctas, flatten = cfg.pop("CTAS_PER_SM", 1), cfg.pop("FLATTEN", False)
+    stream_k, reverse = cfg.pop("STREAM_K", False), cfg.pop("REVERSE_PROGRAMS", False)
     if cfg:
         raise ValueError(f"linear: unknown launch settings {sorted(cfg)}")
+    if stream_k and flatten:
+        raise ValueError("linear: STREAM_K and FLATTEN are not built together")
     if scaled and FP8_GROUP % bk:
         raise ValueError(f"linear: an FP8 GEMM's BLOCK_K must divide the {FP8_GROUP}-wide scale groups, got {bk}")
     if quant_out and bn // split != FP8_GROUP:
@@ -415,13 +521,19 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     flags = dict(EPILOGUE=EPILOGUES[epilogue], HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
                  W_KN=weight_kn, SCALED=scaled, QUANT_OUT=quant_out)
     flags["ACT"] = ACT_CODES[act_dtype] if quant_out else 0  # (every constexpr given: triton 3.9's AOT signature)
+    # Stream-K's workspace: a slot per edge between neighbouring programs' ranges (the one tile
+    # that may straddle it), each with both pieces' fp32 partial sums, and a counter per slot.
+    slots = max(ctas * target.sms - 1, 1)
     args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
                 A_SCALE=a_scale if scaled else a, W_SCALE=w_scale if scaled else a,
                 Y_SCALE=out_scale if quant_out else a,
+                WORKSPACE=Meta.contiguous((slots, 2, bm * bn), torch.float32) if stream_k else a,
+                COUNTERS=Meta.contiguous((slots,), torch.int32) if stream_k else a,
                 M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
                 stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])
     constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EPI_SPLIT=split,
-                      PROGRAMS=ctas * target.sms, FLATTEN=flatten,
+                      PROGRAMS=ctas * target.sms, FLATTEN=flatten, STREAM_K=bool(stream_k),
+                      REVERSE_PROGRAMS=bool(reverse),
                       USE_TMA=use_tma, EVEN_K=k % bk == 0,
                       DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **flags)
     programs = min(ctas * target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
@@ -522,6 +634,11 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                  BIAS=bias if bias is not None else weight, GAMMA=gamma if gamma is not None else weight,
                  A_SCALE=a_scale if a_scale is not None else a, W_SCALE=w_scale if w_scale is not None else a,
                  Y_SCALE=out_scale if out_scale is not None else a)
+    if plan.constexprs["STREAM_K"]:  # per call, not cached: two streams must not share counters
+        given["WORKSPACE"] = torch.empty(plan.args["WORKSPACE"].shape, dtype=torch.float32, device=a.device)
+        given["COUNTERS"] = torch.zeros(plan.args["COUNTERS"].shape, dtype=torch.int32, device=a.device)
+    else:
+        given["WORKSPACE"] = given["COUNTERS"] = a
     values = {name: plan.descriptor(name, t) if isinstance(plan.args[name], Desc) else t for name, t in given.items()}
     with on_device(a):
         plan.run(**values)

@@ -19,7 +19,8 @@ import torch
 
 from ._common import INTERPRETING, INTERPRETER_SMS
 
-_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
+_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
+          torch.int32: "i32"}
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,35 @@ def test_quantized_output_past_n_writes_no_scale(device, width):
     assert torch.isnan(room[rows * K.groups(hidden):]).all()
 
 
+def test_fp8_gemm_under_stream_k(device):
+    """FP8 with stream-K (6 programs over 7 x 3 tiles of 16 x 128, 4 K-steps: tiles 13, 16 and
+    19 cut in two): the same bits whichever piece is counted second, within the parity rule of
+    the same tiles left whole against float64, and the quantized output still the bf16 output
+    quantized by the row kernel, bit for bit."""
+    from helpers import assert_parity
+    rows, width, hidden = 100, 256, 384
+    q, s = K.quantize_ref(torch.randn(rows, width).to(device, torch.bfloat16))
+    wq, ws = K.quantize_weight(torch.randn(hidden, width, device=device) * width ** -0.5)
+    bias = (torch.randn(hidden, device=device) * 0.5).to(torch.bfloat16)
+    base = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=2, EPI_SPLIT=1, num_warps=4, num_stages=1, CTAS_PER_SM=2)
+    outs = []
+    for cfg in (base, dict(base, STREAM_K=True), dict(base, STREAM_K=True, REVERSE_PROGRAMS=True)):
+        u = torch.full((rows, hidden), float("nan"), dtype=torch.bfloat16, device=device)
+        linear_launch(q, wq, bias, u, "gelu", a_scale=s, w_scale=ws, config=cfg)
+        outs.append(u)
+    whole, forward, backward = outs
+    assert torch.equal(forward, backward)
+    a64, w64 = K.dequantize(q, s).double(), K.dequantize_weight(wq, ws).double()
+    exact = torch.nn.functional.gelu(a64 @ w64.T + bias.double())
+    assert_parity(forward, exact, whole, atol=1e-3, what="fp8 stream-K")
+    uq, us = torch.full((rows, hidden), float("nan"), dtype=FP8, device=device), torch.full(
+        (rows, K.groups(hidden)), float("nan"), device=device)
+    linear_launch(q, wq, bias, uq, "gelu", a_scale=s, w_scale=ws, out_scale=us, act_dtype=torch.bfloat16,
+                  config=dict(base, STREAM_K=True))
+    want_q, want_s = K.quantize_fp8(forward)
+    assert torch.equal(us, want_s) and torch.equal(uq.view(torch.uint8), want_q.view(torch.uint8))
+
+
 def test_fp8_gemm_rejects_bad_operands(device):
     q, s = K.quantize_ref(torch.randn(8, 256).to(device))
     wq, ws = K.quantize_weight(torch.randn(128, 256, device=device))

@@ -224,6 +224,12 @@ def _gemm_inputs(m, k, n, dtype, device, integer=False):
 
 CONFIG_CASES = {
     "tma-split": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1),
+    # stream-K: 3 programs (the interpreter's 3 "SMs"), and 6 over pointers with the programs'
+    # work in reverse order, so a cut tile's pieces meet the other way round
+    "stream-k": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1,
+                     STREAM_K=True),
+    "stream-k-reversed": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=1, num_warps=4, num_stages=1,
+                              STREAM_K=True, CTAS_PER_SM=2, REVERSE_PROGRAMS=True, USE_TMA=False),
     "tma-whole": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=3, EPI_SPLIT=1, num_warps=4, num_stages=1),
     "pointers": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1,
                      USE_TMA=False),
@@ -313,6 +319,99 @@ def test_tile_order_covers_every_tile_once_in_balanced_groups(device):
             t, first = t + size * num_pid_n, first + size
         assert max(sizes) - min(sizes) <= 1 and max(sizes) <= group, (num_pid_m, group, sizes)
         assert len(sizes) == -(-num_pid_m // group)
+
+
+def _cut_tiles(tiles, k_tiles, programs):
+    """The tiles stream-K cuts in two, worked out here independently of the kernel: the last
+    (tiles mod P) + P tiles' K-steps split into P equal ranges (floor of p * steps / P)."""
+    rem = tiles % programs
+    if rem == 0 or tiles <= programs:
+        return set()
+    first, steps = tiles - rem - programs, (rem + programs) * k_tiles
+    edges = [p * steps // programs for p in range(1, programs)]
+    return {first + e // k_tiles for e in edges if e % k_tiles}
+
+
+def test_stream_k_schedule_covers_every_k_step_once(device):
+    """Every tile's K-steps [0, k_tiles) are covered exactly once over all programs' units; a
+    tile is whole or cut once, at the edge between programs p and p + 1 (p holding its start),
+    and both pieces name the same workspace slot; programs' K-steps differ by at most one
+    tile's round plus one step."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def schedule(OUT, num_tiles, k_tiles, MAX_UNITS: tl.constexpr, PROGRAMS: tl.constexpr):
+        pid = tl.program_id(0)
+        dp_tiles, dp_units, sk_lo, sk_hi, units = gemm._stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
+        for u in range(units):
+            tile, k_lo, k_hi = gemm._work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
+            row = OUT + (pid * MAX_UNITS + u) * 3
+            tl.store(row, tile)
+            tl.store(row + 1, k_lo)
+            tl.store(row + 2, k_hi)
+
+    for programs in (1, 3, 6, 8):
+        for tiles in (1, 2, 3, 5, 6, 7, 11, 12, 13, 41):
+            for k_tiles in (1, 2, 3, 7):
+                grid = min(programs, tiles)
+                most = -(-tiles // programs) + 3
+                out = torch.full((grid, most, 3), -1, dtype=torch.int32, device=device)
+                schedule[(grid,)](out, tiles, k_tiles, MAX_UNITS=most, PROGRAMS=programs)
+                pieces = {}  # tile -> [(k_lo, k_hi, program)]
+                steps = [0] * grid
+                for pid, rows in enumerate(out.tolist()):
+                    for tile, k_lo, k_hi in rows:
+                        if tile >= 0:
+                            assert 0 <= k_lo < k_hi <= k_tiles and tile < tiles
+                            pieces.setdefault(tile, []).append((k_lo, k_hi, pid))
+                            steps[pid] += k_hi - k_lo
+                case = (programs, tiles, k_tiles)
+                assert sorted(pieces) == list(range(tiles)), case
+                cut = set()
+                for tile, ps in pieces.items():
+                    ps.sort()
+                    assert [p[:2] for p in ps] in ([(0, k_tiles)], [(0, ps[0][1]), (ps[0][1], k_tiles)]), case
+                    if len(ps) == 2:
+                        cut.add(tile)
+                        (lo0, _, p0), (lo1, _, p1) = ps
+                        assert p1 == p0 + 1, case
+                        assert p0 - (lo0 > 0) == p1 - (lo1 > 0), case  # the slot each piece names
+                assert cut == _cut_tiles(tiles, k_tiles, programs), case
+                if tiles > programs and tiles % programs:
+                    assert max(steps) - min(steps) <= 1, case  # whole rounds, then equal ranges
+
+
+@pytest.mark.parametrize("epilogue", ["gelu", "residual"])
+def test_stream_k_cut_tiles_meet_in_either_order(device, epilogue):
+    """The same bits whichever piece of a cut tile is counted second (the interpreter runs
+    programs in order; REVERSE_PROGRAMS runs their work the other way round), on random
+    inputs, and the same result as the tiles left whole, within the parity rule."""
+    m, k, n = 100, 112, 50  # 4 x 2 tiles of 32, 7 K-steps of 16, on 3 and on 6 programs
+    a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, device)
+    g = _rand(n, dtype=torch.bfloat16, device=device, scale=0.3) if epilogue == "residual" else None
+    x = _rand(m, n, dtype=torch.bfloat16, device=device, scale=3) if epilogue == "residual" else None
+    base = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1)
+    for ctas in (1, 2):
+        assert _cut_tiles(8, 7, 3 * ctas), "nothing cut: the test would test nothing"
+        outs = []
+        for cfg in (dict(base, CTAS_PER_SM=ctas), dict(base, CTAS_PER_SM=ctas, STREAM_K=True),
+                    dict(base, CTAS_PER_SM=ctas, STREAM_K=True, REVERSE_PROGRAMS=True)):
+            out = _nan((m, n), torch.bfloat16, device)
+            linear_launch(a, w, b, out, epilogue, gamma=g, residual=x, config=cfg)
+            outs.append(out)
+        whole, forward, backward = outs
+        assert torch.equal(forward, backward)
+        exact = linear_ref(a.double(), w.double(), b.double(), epilogue, None if g is None else g.double(),
+                           None if x is None else x.double())
+        assert_parity(forward, exact, whole, atol=1e-3, what=f"stream-K {epilogue}")
+
+
+def test_stream_k_settings_are_checked():
+    with pytest.raises(ValueError, match="STREAM_K and FLATTEN"):
+        a = torch.zeros(4, 32, dtype=torch.bfloat16)
+        linear_launch(a, torch.zeros(32, 32, dtype=torch.bfloat16), None, torch.empty(4, 32, dtype=torch.bfloat16),
+                      config=dict(gemm.CONFIGS["interpreter", "gelu"], FLATTEN=True))
 
 
 def test_gelu_kernel_in_place(device):

@@ -93,8 +93,10 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     residual90 = [r for r in gemm90 if r["constexprs"]["EPILOGUE"] == 2]
     assert residual90 and all(r["serial_waits_before_mma"] == 0 for r in residual90)
     # two CTAs per SM by default on sm_90 (fc1, proj, fc2), which the gate found to fit
-    assert {r["constexprs"]["PROGRAMS"] for r in gemm90
-            if r["constexprs"]["EPILOGUE"] in (1, 2) and not r["constexprs"]["SCALED"]} == {264}
+    fused90 = [r for r in gemm90 if r["constexprs"]["EPILOGUE"] in (1, 2) and not r["constexprs"]["SCALED"]]
+    assert {r["constexprs"]["PROGRAMS"] for r in fused90} == {264}
+    # stream-K by default there, its meeting of cut tiles read off the PTX (the gate fails otherwise)
+    assert all(r["constexprs"]["STREAM_K"] for r in fused90)
     # FP8 (#23): e4m3 wgmma (the gate fails without it), e4m3 written only by round-to-nearest cvt
     fp8 = [r for r in builds if r["kernel"].startswith(("fp8_", "quantize_fp8")) and r["target"] == "sm_90"]
     assert fp8 and not [r for r in builds if r["kernel"].startswith("fp8_") and r["target"] == "sm_80"]
@@ -109,6 +111,9 @@ def test_compile_gate_passes_for_sm90_and_sm80():
         assert len(re.findall(rf"^{re.escape(path)} +\d+ us", p.stderr, re.M)) == 2, p.stderr  # one per card
     assert "fast vs eager x" in p.stderr and "vs torch.compile x" in p.stderr
     assert len(re.findall(r"^fast floor .* vs torch.compile x\d\.\d{3}", p.stderr, re.M)) == 2, p.stderr
+    # #22's target by the model: each fused GEMM op ahead of its unfused alternative, on both cards
+    pairs = re.findall(r"(\w+) (\d+) vs (\d+) us", "".join(re.findall(r"^fused vs unfused: .*$", p.stderr, re.M)))
+    assert len(pairs) == 6 and all(int(a) < int(b) for _, a, b in pairs), pairs
 
 
 def test_gate_builds_the_tuners_candidates():
@@ -127,6 +132,7 @@ def test_gate_builds_the_tuners_candidates():
                 for r in got} == {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in specs[kernel].candidates("sm90")}
         assert any(r["constexprs"]["PROGRAMS"] == 264 for r in got)
         assert all(r["main_loop_spills"] == 0 for r in got)
+    assert any(r["constexprs"]["STREAM_K"] for r in records) and any(not r["constexprs"]["STREAM_K"] for r in records)
     flat = [r for r in records if r["constexprs"]["FLATTEN"]]
     assert flat and all(r["predicted_us"] is None for r in flat)  # the model cannot place its epilogue
     assert all(r["predicted_us"] for r in records if not r["constexprs"]["FLATTEN"])
@@ -145,6 +151,12 @@ def test_cost_model_moves_the_way_the_builds_say():
     assert costs.gemm_us(card, **dict(base, serial_waits=2)) == pytest.approx(t + 2 * tiles_per_sm * costs.WAIT_US)
     assert costs.gemm_us(card, **dict(base, ctas_per_sm=2)) == pytest.approx(tiles_per_sm * mma)  # hidden
     assert costs.gemm_us(card, **dict(base, bytes_moved=10 ** 10)) == pytest.approx(10 ** 10 / 3.0e6)  # memory floor, us
+    # stream-K: 1025 tiles are 7.77 rounds of 132 SMs, not 8; the cut tiles' meeting costs two
+    # round trips, the counters' zeroing a launch
+    sk = costs.gemm_us(card, **dict(base, stream_k=True))
+    assert sk == pytest.approx(41 * 25 / 132 * (mma + epi + costs.WAIT_US) + 2 * costs.WAIT_US + costs.MEMSET_US)
+    whole = dict(base, m=128 * 33, n=128 * 4)  # 132 tiles: one whole round, nothing to share out
+    assert costs.gemm_us(card, **dict(whole, stream_k=True)) == costs.gemm_us(card, **whole)
     assert costs.memory_us(costs.CARDS["h200"], 4.3e9) == pytest.approx(1000.0)
 
 
@@ -251,6 +263,11 @@ GATE_SCRIPT = """if True:
         from gate_mutations import tma_operand_tile
         from internvit_fast.kernels import gemm
         gemm._operand_tile = tma_operand_tile
+    if want == "relaxed":  # the gate's residual plan is stream-K (the sm_90 default)
+        sys.path.insert(0, "tests")
+        from gate_mutations import meet_partial_relaxed
+        from internvit_fast.kernels import gemm
+        gemm._meet_partial = meet_partial_relaxed
     sys.exit(cc.main(["--arch", "90"]))
 """
 
@@ -264,6 +281,7 @@ GATE_SCRIPT = """if True:
     ("late-load", "2 global loads issued after the first store"),
     ("serial-residual", "TMA waits before the main loop: the residual epilogue's loads are not overlapped"),
     ("crowded", "2 CTAs per SM planned, but"),
+    ("relaxed", "counter atomic is not acq_rel at gpu scope"),
 ])
 def test_compile_gate_fails_on_each_defect(mutation, message):
     p = run("-c", GATE_SCRIPT, mutation, env=NO_INTERP)
@@ -271,6 +289,32 @@ def test_compile_gate_fails_on_each_defect(mutation, message):
     assert message in p.stdout, p.stdout[-3000:]
     if mutation == "no-wgmma":
         assert "built for TMA but the PTX has no cp.async.bulk.tensor" in p.stdout
+
+
+STREAM_K_MEETING = """if True:
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, "tests")
+    from gate_mutations import partial_then_count
+    from internvit_fast.compile_check import stream_k_meeting
+    for fence in (False, True):
+        src = ASTSource(fn=partial_then_count, signature=dict(P="*fp32", COUNTERS="*i32", WORKSPACE="*fp32",
+                        BLOCK="constexpr", FENCE="constexpr"), constexprs=dict(BLOCK=1024, FENCE=fence))
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+        print(fence, stream_k_meeting(ptx))
+"""
+
+
+def test_stream_k_meeting_reader_sees_a_missing_barrier():
+    """The gate's reading of stream-K's meeting on a real sm_90 build: one thread's acq_rel
+    atomic after every thread's stores, without a CTA barrier between (refused) and with one."""
+    p = run("-c", STREAM_K_MEETING, env=NO_INTERP)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines() == [
+        "False stream-K's partial sums are stored with no CTA barrier before the atomic that releases them",
+        "True None"], p.stdout
 
 
 def test_compile_gate_refuses_interpreted_kernels():
