@@ -20,6 +20,9 @@ global loads issued after the first store. It fails when a kernel does not compi
 row kernel spills, a GEMM spills inside its main loop, an sm_90 bf16/fp16 GEMM lacks
 wgmma or (when built for it) TMA, a kernel that promises upstream's rounding points
 contains a contracted fma, or a row kernel that should issue every load first does not.
+A kernel's same-bits promises (KernelSpec.same_bits: the GELU's erf against libdevice's)
+are built in a probe for each target and both PTX programs run on CPU over the promise's
+inputs (ptx_eval); one differing input fails the gate.
 The table ends with each kernel's bytes moved at the main shape (504 UPerNet, batch 4,
 bf16) against the least it must move. ``--json`` prints one JSON list instead (a record per
 build and target, then a record per kernel's traffic) and exits non-zero on a failure.
@@ -27,6 +30,7 @@ build and target, then a record per kernel's traffic) and exits non-zero on a fa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -35,11 +39,14 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from . import costs
+from . import costs, ptx_eval
 from .kernels import REGISTRY
 from .kernels._common import INTERPRETING
 from .kernels.gemm import EPILOGUES
@@ -322,7 +329,69 @@ def check(arch: int, kernels=REGISTRY) -> List[dict]:
             elif arch == 90 and is_gemm(plan):
                 rec["predicted_us"] = None
             records.append(rec)
+    rng = np.random.default_rng()  # fresh inputs each run, beside the exhaustive ones
+    for kernel in kernels:
+        records += same_bits(kernel, arch, rng)
     return records
+
+
+@triton.jit
+def _probe(X, Y, FN: tl.constexpr):
+    """One fp32 per thread through FN: straight-line PTX that ptx_eval can run."""
+    i = tl.arange(0, 128)
+    tl.store(Y + i, FN(tl.load(X + i)))
+
+
+def same_bits(kernel: KernelSpec, arch: int, rng: np.random.Generator) -> List[dict]:
+    """A record per same-bits promise of ``kernel`` (KernelSpec.same_bits): both functions
+    compiled for sm_<arch> in a probe, both PTX programs run on CPU over the inputs
+    (ptx_eval), failing where any input's bits differ (NaN for NaN is equal)."""
+    records = []
+    for what, ours, reference, x in (kernel.same_bits(rng) if kernel.same_bits else ()):
+        rec = dict(kernel=kernel.id, target="same bits", arch=f"sm_{arch}", config=what, launch="probe",
+                   inputs=len(x), failures=[])
+        try:
+            got = ptx_eval.evaluate(_probe_ptx(ours, arch), x)
+            want = ptx_eval.evaluate(_probe_ptx(reference, arch, cuda_libdevice()), x)
+        except Exception as e:  # noqa: BLE001 - a probe that does not build or run is a failure to report
+            rec["failures"].append(f"sm_{arch}: {type(e).__name__}: {str(e)[:300]}")
+            records.append(rec)
+            continue
+        bad = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
+        rec["differ"] = int(bad.sum())
+        if rec["differ"]:
+            i = np.flatnonzero(bad)[:3]
+            rec["failures"].append(f"sm_{arch}: {rec['differ']} of {len(x)} inputs differ from the reference, e.g. "
+                                   f"at {x[i].tolist()}: {got[i].tolist()} vs {want[i].tolist()}")
+        records.append(rec)
+    return records
+
+
+def _probe_ptx(fn, arch: int, libdevice: Optional[str] = None) -> str:
+    src = ASTSource(_probe, signature={"X": "*fp32", "Y": "*fp32", "FN": "constexpr"}, constexprs={"FN": fn})
+    options = dict(num_warps=4)
+    if libdevice:
+        options["extern_libs"] = (("libdevice", libdevice),)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+
+
+def cuda_libdevice() -> str:
+    """CUDA's libdevice, whose math nvcc links into torch's CUDA build (the same-bits
+    references are built against it, not against the one Triton bundles, which in Triton 3.6
+    is older): $INTERNVIT_FAST_LIBDEVICE, or the one pip's nvidia-nvvm (CUDA 13) or
+    nvidia-cuda-nvcc-cu12 installs."""
+    env = os.environ.get("INTERNVIT_FAST_LIBDEVICE")
+    if env:
+        if not os.path.isfile(env):
+            raise FileNotFoundError(f"INTERNVIT_FAST_LIBDEVICE={env}: no such file")
+        return env
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else ()):
+        for sub in ("cu13/nvvm/libdevice/libdevice.10.bc", "cuda_nvcc/nvvm/libdevice/libdevice.10.bc"):
+            if os.path.isfile(os.path.join(root, sub)):
+                return os.path.join(root, sub)
+    raise FileNotFoundError("CUDA's libdevice.10.bc not found: pip install nvidia-nvvm==13.0.88 (in the test extra), "
+                            "or set INTERNVIT_FAST_LIBDEVICE to a libdevice.10.bc")
 
 
 def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]:
@@ -420,7 +489,11 @@ def print_block(moved: List[dict], out=sys.stdout) -> int:
 
 
 def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
-    for target in sorted({r["target"] for r in records}, reverse=True):
+    for r in records:
+        if r["target"] == "same bits":
+            print(f"same bits: {r['kernel']} {r['config']} on {r['arch']}: "
+                  f"{'FAILED' if r['failures'] else 'equal'} over {r['inputs']} inputs", file=out)
+    for target in sorted({r["target"] for r in records} - {"same bits"}, reverse=True):
         print(f"\n== {target} ==", file=out)
         print(f"{'kernel':<22} {'configuration':<76} {'regs':>4} {'spill':>5} {'loop':>4} {'smem':>7} "
               f"{'wgmma':>5} {'tma':>3} {'fma':>3}  launch", file=out)

@@ -14,7 +14,7 @@ the model width, the MLP width, the activation dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -87,6 +87,10 @@ class KernelSpec:
     # dequantized values); None: the parity rule
     judge: Optional[Callable[[dict, dict], None]] = None
     training: bool = False  # a backward kernel: tuned after the inference kernels the targets are stated for
+    # same_bits(rng) -> [(what, ours, reference, fp32 inputs)]: Triton functions of one fp32
+    # value that must give the reference's bits for every one of the inputs, on the GPU; the
+    # compile gate runs both compiled PTX programs on CPU to show it (internvit_fast/ptx_eval.py)
+    same_bits: Optional[Callable[[object], List[Tuple[str, object, object, object]]]] = None
 
     @property
     def id(self) -> str:

@@ -89,6 +89,10 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     assert rounding and not any(r["options"]["enable_fp_fusion"] for r in rounding)
     moved = {r["kernel"]: r for r in records if r["target"] == "traffic"}
     assert moved["qk_norm"]["bytes_moved"] == moved["qk_norm"]["bytes_min"]  # v is not copied
+    # the GELU's erf gives the bits of CUDA's libdevice erff over every bf16/fp16 input, per target
+    same = [r for r in records if r["target"] == "same bits"]
+    assert {r["arch"] for r in same} == {"sm_90", "sm_80"} and all(r["differ"] == 0 and r["inputs"] > 2 ** 21
+                                                                   for r in same), same
     # #22: the residual tile loads under the main loop, no wait before a tile's first wgmma
     residual90 = [r for r in gemm90 if r["constexprs"]["EPILOGUE"] == 2]
     assert residual90 and all(r["serial_waits_before_mma"] == 0 for r in residual90)
@@ -472,3 +476,86 @@ def test_cli_rejects_bad_options_like_argparse(args, message):
     assert p.returncode == 2, p.stdout + p.stderr
     assert "usage:" in p.stderr and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+SAME_BITS = """if True:
+    import dataclasses, importlib.util, inspect, sys, tempfile, textwrap
+    import numpy as np
+    import internvit_fast.compile_check as cc
+    from internvit_fast.kernels import REGISTRY, gelu
+    spec = next(s for s in REGISTRY if s.id == "gelu")
+    src = "import triton\\nimport triton.language as tl\\n\\n" + "\\n\\n".join(
+        textwrap.dedent(inspect.getsource(f.fn)) for f in (gelu._erf, gelu.gelu_value))
+    mutations = dict(
+        none=[],
+        one_ulp=[("0.12837915122509003", "0.1283791661262512")],  # q's last coefficient, one fp32 step up
+        edge=[(">= 1.002959966659546", "> 1.002959966659546")],
+        # x (1 + q): the same value, rounded elsewhere (q x + x would do nothing: the build contracts it back)
+        factored=[("small = tl.fma(q, x, x)", "small = x * (1.0 + q)")],
+        ex2_of_ln=[("tl.exp2(tl.fma(p, -a, -a))", "tl.exp(tl.fma(p, -a, -a) * 0.6931471805599453)")],
+    )
+    for name, edits in mutations.items():
+        text = src
+        for old, new in edits:
+            assert old in text, old
+            text = text.replace(old, new)
+        path = tempfile.mkdtemp() + f"/mut_{name}.py"
+        open(path, "w").write(text)
+        module_spec = importlib.util.spec_from_file_location(f"mut_{name}", path)
+        mod = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(mod)
+        what, _, ref, x = spec.same_bits(np.random.default_rng())[0]
+        mutated = dataclasses.replace(spec, same_bits=lambda rng: [(what, mod.gelu_value, ref, x)])
+        (rec,) = cc.same_bits(mutated, 90, np.random.default_rng())
+        print(name, rec.get("differ"), len(rec["failures"]))
+"""
+
+
+def test_same_bits_check_sees_a_gelu_that_rounds_differently():
+    """The gate's same-bits check of the GELU (its branch-free erf against libdevice's erff,
+    both compiled for sm_90 and run on CPU over every bf16 and fp16 input and fp32 sweeps):
+    the kernel's own GELU passes, and each one-step change of its arithmetic fails it."""
+    p = run("-c", SAME_BITS, env=NO_INTERP, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = {name: (int(differ), int(failed)) for name, differ, failed in (ln.split() for ln in p.stdout.splitlines())}
+    assert got["none"] == (0, 0), got
+    for name in ("one_ulp", "edge", "factored", "ex2_of_ln"):
+        assert got[name][0] > 0 and got[name][1] == 1, (name, got)
+
+
+def test_same_bits_check_without_cudas_libdevice_fails_and_says_why():
+    p = run("-c", "import numpy as np; from internvit_fast import compile_check as cc; "
+            "from internvit_fast.kernels import REGISTRY; "
+            "(r,) = cc.same_bits(next(s for s in REGISTRY if s.id == 'gelu'), 90, np.random.default_rng()); "
+            "print(r['failures'])", env=dict(NO_INTERP, INTERNVIT_FAST_LIBDEVICE="/nonexistent/libdevice.10.bc"))
+    assert p.returncode == 0, p.stderr
+    assert "INTERNVIT_FAST_LIBDEVICE=/nonexistent/libdevice.10.bc: no such file" in p.stdout, p.stdout
+
+
+def test_ptx_eval_runs_libdevice_erf_and_rounds_once():
+    """The PTX runner against independent references: libdevice's erff as it runs it is
+    within 2 fp32 steps of math.erf, and its fma and add round once (exact fractions)."""
+    import math
+    from fractions import Fraction
+    import numpy as np
+    from internvit_fast import ptx_eval
+    rng = np.random.default_rng()
+    a, b, c = (rng.standard_normal(20000).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, 20000)
+               .astype(np.float32) for _ in range(3))
+    c[:5000] = -(a[:5000].astype(np.float64) * b[:5000]).astype(np.float32)  # cancellation
+    got = ptx_eval._fma(a, b, c)
+    for i in range(0, 20000, 7):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        lo = np.float32(float(exact))  # within a step of the correctly rounded value
+        cands = [np.nextafter(lo, np.float32(-np.inf)), lo, np.nextafter(lo, np.float32(np.inf))]
+        best = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact), int(np.array(v).view(np.uint32)) & 1))
+        assert got[i] == best, (a[i], b[i], c[i], got[i], best)
+    p = run("-c", "import numpy as np, sys; sys.path.insert(0, 'tests');"
+            "from internvit_fast import compile_check as cc, ptx_eval; from gate_mutations import libdevice_erf;"
+            "x = np.random.default_rng().uniform(-6, 6, 4000).astype(np.float32);"
+            "y = ptx_eval.evaluate(cc._probe_ptx(libdevice_erf, 90), x);"
+            "print(repr(x.tolist())); print(repr(y.tolist()))", env=NO_INTERP)
+    assert p.returncode == 0, p.stderr
+    xs, ys = (eval(line) for line in p.stdout.splitlines())
+    for x, y in zip(xs, ys):
+        assert abs(y - math.erf(x)) <= 2 * 2.0 ** -24 * max(abs(math.erf(x)), 2.0 ** -126) + 1e-45, (x, y)
