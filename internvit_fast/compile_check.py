@@ -233,7 +233,7 @@ def is_gemm(plan: LaunchPlan) -> bool:
 
 
 def _config(plan: LaunchPlan) -> str:
-    skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K", "REVERSE_PROGRAMS"}
+    skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K"}
     cfg = ",".join(f"{k}={v}" for k, v in plan.constexprs.items() if k not in skip)
     return f"{cfg},w{plan.options['num_warps']},s{plan.options.get('num_stages', 1)}"
 

@@ -241,6 +241,13 @@ def _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, o
                 HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
 
 
+def cuts_tiles(tiles: int, programs: int, k: int, block_k: int) -> bool:
+    """Whether stream-K cuts a tile (_stream_k_ranges): more tiles than programs, not a whole
+    number of rounds of them, and more than one K-step per tile (else every program's range
+    is whole tiles). Where it does not, the kernel never touches the workspace or counters."""
+    return tiles > programs and tiles % programs != 0 and k > block_k
+
+
 @triton.jit
 def _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS: tl.constexpr):
     """Program pid's share of the tiles under stream-K: (dp_tiles, dp_units, sk_lo, sk_hi, units).
@@ -522,12 +529,14 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
                  W_KN=weight_kn, SCALED=scaled, QUANT_OUT=quant_out)
     flags["ACT"] = ACT_CODES[act_dtype] if quant_out else 0  # (every constexpr given: triton 3.9's AOT signature)
     # Stream-K's workspace: a slot per edge between neighbouring programs' ranges (the one tile
-    # that may straddle it), each with both pieces' fp32 partial sums, and a counter per slot.
-    slots = max(ctas * target.sms - 1, 1)
+    # that may straddle it), each with both pieces' fp32 partial sums, and a counter per slot;
+    # one unused element of each where no tile is cut (the same pointer types: the same binary).
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    slots = max(ctas * target.sms - 1, 1) if stream_k and cuts_tiles(tiles, ctas * target.sms, k, bk) else 1
     args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
                 A_SCALE=a_scale if scaled else a, W_SCALE=w_scale if scaled else a,
                 Y_SCALE=out_scale if quant_out else a,
-                WORKSPACE=Meta.contiguous((slots, 2, bm * bn), torch.float32) if stream_k else a,
+                WORKSPACE=Meta.contiguous((slots, 2, bm * bn) if slots > 1 else (1,), torch.float32) if stream_k else a,
                 COUNTERS=Meta.contiguous((slots,), torch.int32) if stream_k else a,
                 M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
                 stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])
@@ -536,7 +545,7 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
                       REVERSE_PROGRAMS=bool(reverse),
                       USE_TMA=use_tma, EVEN_K=k % bk == 0,
                       DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **flags)
-    programs = min(ctas * target.sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    programs = min(ctas * target.sms, tiles)
     # The residual epilogue promises rounding points: no FMA contraction there. (An FP8 step's
     # product times its power-of-two scales is exact, so contracting its add changes nothing.)
     options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=epilogue != "residual")
@@ -635,8 +644,13 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                  A_SCALE=a_scale if a_scale is not None else a, W_SCALE=w_scale if w_scale is not None else a,
                  Y_SCALE=out_scale if out_scale is not None else a)
     if plan.constexprs["STREAM_K"]:  # per call, not cached: two streams must not share counters
+        c, g = plan.constexprs, plan.args
+        tiles = triton.cdiv(g["M"], c["BLOCK_M"]) * triton.cdiv(g["N"], c["BLOCK_N"])
+        cut = cuts_tiles(tiles, c["PROGRAMS"], g["K"], c["BLOCK_K"])
         given["WORKSPACE"] = torch.empty(plan.args["WORKSPACE"].shape, dtype=torch.float32, device=a.device)
-        given["COUNTERS"] = torch.zeros(plan.args["COUNTERS"].shape, dtype=torch.int32, device=a.device)
+        # (zeroing is a launch: only where the kernel counts pieces)
+        given["COUNTERS"] = (torch.zeros if cut else torch.empty)(plan.args["COUNTERS"].shape, dtype=torch.int32,
+                                                                   device=a.device)
     else:
         given["WORKSPACE"] = given["COUNTERS"] = a
     values = {name: plan.descriptor(name, t) if isinstance(plan.args[name], Desc) else t for name, t in given.items()}

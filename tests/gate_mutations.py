@@ -3,6 +3,8 @@ gate script; Triton's JIT needs them in a file, not in ``python -c``)."""
 import triton
 import triton.language as tl
 
+from internvit_fast.kernels.gemm import _meet_partial
+
 
 @triton.jit
 def tma_operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
@@ -44,3 +46,11 @@ def meet_partial_relaxed(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.const
 def libdevice_erf(x):
     """libdevice's erff as tl.erf builds it: what test_tools checks the PTX runner against math.erf with."""
     return tl.erf(x)
+
+
+@triton.jit
+def meet_partial_start_poisons(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stream-K's meeting, except that a tile finished by its starting piece (mine == 0) comes
+    out NaN: shows a test which piece finished each cut tile."""
+    acc, second = _meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M, BLOCK_N)
+    return tl.where(second & (mine == 0), float("nan"), acc), second

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_parity
-from internvit_fast.kernels import (REGISTRY, gelu_launch, linear_gelu, linear_launch, linear_ref,
+from internvit_fast.kernels import (INTERPRETING, REGISTRY, gelu_launch, linear_gelu, linear_launch, linear_ref,
                                     linear_residual_norm, qk_norm, qk_norm_launch, qk_norm_ref, residual_rms_norm,
                                     residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref)
 from internvit_fast.kernels import block_ops, gemm, tuning
@@ -383,11 +383,15 @@ def test_stream_k_schedule_covers_every_k_step_once(device):
 
 
 @pytest.mark.parametrize("epilogue", ["gelu", "residual"])
-def test_stream_k_cut_tiles_meet_in_either_order(device, epilogue):
+@pytest.mark.parametrize("k", [112, 100], ids=["even-k", "ragged-k"])
+def test_stream_k_cut_tiles_meet_in_either_order(device, epilogue, k):
     """The same bits whichever piece of a cut tile is counted second (the interpreter runs
     programs in order; REVERSE_PROGRAMS runs their work the other way round), on random
-    inputs, and the same result as the tiles left whole, within the parity rule."""
-    m, k, n = 100, 112, 50  # 4 x 2 tiles of 32, 7 K-steps of 16, on 3 and on 6 programs
+    inputs, and the same result as the tiles left whole, within the parity rule; with a
+    last K-step that is partly past K (masked on the pointer path); and the residual
+    epilogue in place (out is the stream), where a piece that is not the tile's last to
+    arrive and still wrote the tile would corrupt the stream the other piece reads."""
+    m, n = 100, 50  # 4 x 2 tiles of 32, 7 K-steps of 16, on 3 and on 6 programs
     a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, device)
     g = _rand(n, dtype=torch.bfloat16, device=device, scale=0.3) if epilogue == "residual" else None
     x = _rand(m, n, dtype=torch.bfloat16, device=device, scale=3) if epilogue == "residual" else None
@@ -402,9 +406,59 @@ def test_stream_k_cut_tiles_meet_in_either_order(device, epilogue):
             outs.append(out)
         whole, forward, backward = outs
         assert torch.equal(forward, backward)
+        if epilogue == "residual":
+            for reverse in (False, True):
+                stream = x.clone()
+                linear_launch(a, w, b, stream, epilogue, gamma=g, residual=stream,
+                              config=dict(base, CTAS_PER_SM=ctas, STREAM_K=True, REVERSE_PROGRAMS=reverse))
+                assert torch.equal(stream, forward), f"in place, reversed={reverse}"
         exact = linear_ref(a.double(), w.double(), b.double(), epilogue, None if g is None else g.double(),
                            None if x is None else x.double())
         assert_parity(forward, exact, whole, atol=1e-3, what=f"stream-K {epilogue}")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter's program order is what REVERSE_PROGRAMS turns round")
+def test_reverse_programs_turns_the_meeting_round(monkeypatch):
+    """Which piece of a cut tile finishes it: the one ending the tile when programs run in
+    order, the one starting it under REVERSE_PROGRAMS (a meeting that poisons tiles finished
+    by their starting piece tells them apart). Without this the either-order test could
+    pass with the knob doing nothing."""
+    from gate_mutations import meet_partial_start_poisons
+    monkeypatch.setattr(gemm, "_meet_partial", meet_partial_start_poisons)
+    m, k, n = 100, 112, 50
+    a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, "cpu")
+    base = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1, STREAM_K=True)
+    nans = []
+    for reverse in (False, True):
+        out = _nan((m, n), torch.bfloat16, "cpu")
+        linear_launch(a, w, b, out, "none", config=dict(base, REVERSE_PROGRAMS=reverse))
+        nans.append(int(out.isnan().sum()))
+    assert nans[0] == 0 and nans[1] > 0, nans
+
+
+def test_stream_k_workspace_only_where_a_tile_is_cut(monkeypatch):
+    """No workspace and no counters to zero (a launch) where nothing is cut: tiles a whole
+    number of rounds, fewer tiles than programs, or a single K-step per tile; the same
+    pointer types either way (one binary)."""
+    from internvit_fast.kernels.launch import Meta, Target
+    target = Target("interpreter", 3, {})
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1, STREAM_K=True)
+    for (m, n, k), cut in {(128, 64, 64): True, (96, 64, 64): False, (64, 32, 64): False, (128, 64, 16): False,
+                           (128, 64, 17): True}.items():
+        bf = torch.bfloat16
+        plan = gemm.plan_linear(Meta.contiguous((m, k), bf), Meta.contiguous((n, k), bf), Meta.contiguous((m, n), bf),
+                                "none", target, config=cfg)
+        assert cut == bool(_cut_tiles(-(-m // 32) * -(-n // 32), -(-k // 16), 3)), (m, n, k)
+        assert (plan.args["WORKSPACE"].dtype, plan.args["COUNTERS"].dtype) == (torch.float32, torch.int32)
+        assert (plan.args["WORKSPACE"].shape[0] > 1) == cut, (m, n, k)
+        zeroed = []
+        real_zeros = torch.zeros
+        monkeypatch.setattr(torch, "zeros", lambda *a, **kw: zeroed.append(a) or real_zeros(*a, **kw))
+        out = _nan((m, n), bf, "cpu")
+        linear_launch(_rand(m, k, dtype=bf, device="cpu"), _rand(n, k, dtype=bf, device="cpu"), None, out,
+                      config=cfg)
+        monkeypatch.undo()
+        assert bool(zeroed) == cut and not out.isnan().any(), (m, n, k)
 
 
 def test_stream_k_settings_are_checked():
