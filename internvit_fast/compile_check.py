@@ -370,8 +370,8 @@ def same_bits(kernel: KernelSpec, arch: int, rng: np.random.Generator) -> List[d
 def _probe_ptx(fn, arch: int, libdevice: Optional[str] = None) -> str:
     src = ASTSource(_probe, signature={"X": "*fp32", "Y": "*fp32", "FN": "constexpr"}, constexprs={"FN": fn})
     options = dict(num_warps=4)
-    if libdevice:
-        options["extern_libs"] = (("libdevice", libdevice),)
+    if libdevice:  # as nvcc links it into torch: __CUDA_FTZ 0 (Triton's default reflects ftz 1)
+        options.update(extern_libs=(("libdevice", libdevice),), enable_reflect_ftz=False)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
 

@@ -9,13 +9,15 @@ A probe kernel loads one fp32 per thread, applies the function and stores the re
 its PTX is straight-line code with forward branches. ``evaluate`` runs that code over a
 numpy array of inputs, one lane per input, with a mask of active lanes (a forward branch
 parks the lanes that take it until its label). Each instruction is rounded as PTX defines
-it: ``fma.rn`` and ``add``/``sub``/``mul`` once, to nearest even (float64 arithmetic made
-exact by an error-free sum), ``.ftz`` flushing subnormal inputs and results. One thing is
+it: ``fma.rn`` and ``add``/``sub``/``mul`` once, to nearest even (float64 arithmetic, an
+error-free sum for what float64 dropped, rounding to odd before the one rounding to fp32),
+``.ftz`` flushing subnormal inputs and results; other modifiers (``.sat``, ``.rz``, ...)
+are refused, and so is any load but the probe's one value. One thing is
 not the GPU's: ``ex2.approx`` is the correctly rounded 2^t here, the MUFU's bits elsewhere;
 two programs that reach it with the same t get the same bits from both, which is all a
 comparison of two programs needs. An opcode it does not know is an error that names it,
-and a ``mul.f32`` without ``.rn`` whose result feeds an add (ptxas may fuse the two into an
-fma, so its rounding is not fixed) is refused.
+and a ``mul.f32`` without ``.rn`` whose result (or its mov or neg) feeds an add (ptxas may
+fuse the two into an fma, so its rounding is not fixed) is refused.
 """
 from __future__ import annotations
 
@@ -49,16 +51,15 @@ def _ftz(x: np.ndarray) -> np.ndarray:
 
 
 def _round32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """Round the exact value s + err (s = the float64 rounding of it, err exact) to fp32 once:
-    float64 then fp32 rounds twice, which differs from once only where s is exactly halfway
-    between two fp32 values and err says on which side the exact value lies."""
+    """Round the exact value s + err (s = the float64 rounding of it, err exact) to fp32 once.
+    Float64 then fp32 would round twice; rounding to odd first does not: where err is not
+    zero and s's last bit is even, s steps one float64 ulp towards the exact value, after
+    which one round-to-nearest-even to fp32 is the correct rounding (53 >= 24 + 2 bits), the
+    overflow edge and subnormals included."""
     with np.errstate(over="ignore", invalid="ignore"):
-        r = s.astype(np.float32)
-        up, down = np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))
-        r64 = r.astype(np.float64)
-        to_up = (s == (r64 + up.astype(np.float64)) / 2) & (err > 0)
-        to_down = (s == (r64 + down.astype(np.float64)) / 2) & (err < 0)
-    return np.where(to_up, up, np.where(to_down, down, r)).astype(np.float32)
+        nudge = (err != 0) & ((s.view(np.uint64) & np.uint64(1)) == 0)
+        s = np.where(nudge, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
 
 
 def _sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,7 +82,10 @@ def _ex2(t):
 
 
 _CMP = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal,
-        "ne": np.not_equal}
+        "ne": lambda a, b: np.not_equal(a, b) & ~np.isnan(a) & ~np.isnan(b)}  # PTX's ne is ordered
+# The modifiers an fp32 instruction may carry here; any other (.sat, .rz/.rm/.rp, .full, ...)
+# changes the result and is refused rather than read as round-to-nearest.
+_F32_MODIFIERS = {"rn", "ftz", "f32", "approx"}
 
 _LINE = re.compile(r"^(@!?%\w+\s+)?([\w.]+)\s*(.*?);$")
 
@@ -148,6 +152,8 @@ def _evaluate(ptx: str, x: np.ndarray) -> np.ndarray:
         ops = [o.strip() for o in rest.split(",")] if rest else []
         parts = opcode.split(".")
         base = parts[0]
+        if base in ("mov", "neg") and fed_by_mul & set(ops[1:]):
+            fed_by_mul.add(ops[0])  # a mul's value moved on is still a mul's to ptxas
         if guard is not None:
             g = val(guard.strip()[1:].lstrip("!"))
             taken = active & (~g if "!" in guard else g)
@@ -166,8 +172,8 @@ def _evaluate(ptx: str, x: np.ndarray) -> np.ndarray:
             break
         dtype = parts[-1]
         ftz = "ftz" in parts
-        addressing = dtype in ("b64", "u64", "s64") or any(o.startswith("%tid") or o.startswith("[") for o in ops) \
-            or (ops and ops[0].startswith("%rd"))
+        addressing = base not in ("ld", "st") and (dtype in ("b64", "u64", "s64") or any(o.startswith("%tid") for o in ops)
+                                                  or (ops and ops[0].startswith("%rd")))
         if base == "ld" and "global" in parts:
             if loaded or dtype not in ("b32", "f32"):
                 raise PtxError(f"the probe loads one fp32 per thread, got {line!r}")
@@ -180,9 +186,15 @@ def _evaluate(ptx: str, x: np.ndarray) -> np.ndarray:
             src = rest[rest.index("{") + 1:rest.index("}")].strip()
             out = val(src)
             continue
-        if base in ("ld", "mad") or (base == "cvt" and {"u64", "s64", "b64"} & set(parts)) or addressing or (base in ("and", "shl") and not loaded):
+        integer = {"u32", "s32", "u64", "s64", "b32", "b64"}
+        if (opcode == "ld.param.b64" or (base == "mad" and set(parts[1:]) <= integer | {"wide", "lo"})
+                or (base == "cvt" and set(parts[1:]) <= integer and {"u64", "s64", "b64"} & set(parts))
+                or addressing or (base in ("and", "shl") and not loaded)):
             continue  # address arithmetic: the probe's pointers, not its values
         if base in ("add", "sub", "mul", "fma", "abs", "neg", "ex2", "setp") and dtype == "f32":
+            odd = set(parts[1:]) - _F32_MODIFIERS - ({parts[1]} if base == "setp" else set())
+            if odd:
+                raise PtxError(f"{line!r}: the modifier(s) {sorted(odd)} are not modelled")
             a = [_f32(val(o)) for o in ops[1:]]
             if ftz:
                 a = [_ftz(v) for v in a]

@@ -84,7 +84,8 @@ def gelu_value(h):
 
 @triton.jit
 def gelu_grad(x):
-    """d GELU(x) / dx for the exact GELU: Phi(x) + x phi(x), in fp32 (torch's gelu_backward)."""
+    """d GELU(x) / dx for the exact GELU: Phi(x) + x phi(x), in fp32 (torch's gelu_backward's
+    formula, not its rounding: nvcc contracts torch's into an fma; the parity rule applies)."""
     return 0.5 * (1.0 + _erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
 
@@ -145,7 +146,8 @@ def _gelu_inputs(rng: np.random.Generator) -> np.ndarray:
     """What the GELU is evaluated at: every finite bf16 and fp16 value (fc1's output is
     rounded to the activation dtype first, so these are all its inputs); both signs of 4,096
     fp32 steps either side of where erf's argument crosses the polynomials' edge; zeros,
-    subnormals, infinities, NaN; and 2^20 fresh random fp32 of every exponent up to 2^6."""
+    subnormals, infinities, NaN; every 64th fp32 in [1/8, 4), where erf is far from +-1; and
+    2^20 fresh random fp32 of every exponent up to 2^6."""
     bits = np.arange(65536, dtype=np.uint32)
     h16 = bits.astype(np.uint16).view(np.float16).astype(np.float32)
     hbf = (bits << 16).view(np.float32)
@@ -153,8 +155,9 @@ def _gelu_inputs(rng: np.random.Generator) -> np.ndarray:
     edge = np.float32(1.002959966659546 / 0.7071067811865476)
     near = (np.int64(edge.view(np.int32)) + np.arange(-4096, 4097)).astype(np.int32).view(np.float32)
     special = np.array([0.0, np.inf, np.nan, 1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38], dtype=np.float32)
+    dense = np.arange(0x3E000000, 0x40800000, 64, dtype=np.uint32).view(np.float32)  # every 64th in [1/8, 4)
     rand = np.exp2(rng.uniform(-149, 6, 1 << 20)).astype(np.float32)
-    pos = np.concatenate([every[np.isfinite(every)], near, special, rand])
+    pos = np.concatenate([every[np.isfinite(every)], near, special, dense, rand])
     return np.concatenate([pos, -pos])
 
 
