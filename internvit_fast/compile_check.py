@@ -20,7 +20,7 @@ global loads issued after the first store. It fails when a kernel does not compi
 row kernel spills, a GEMM spills inside its main loop, an sm_90 bf16/fp16 GEMM lacks
 wgmma or (when built for it) TMA, a kernel that promises upstream's rounding points
 contains a contracted fma, or a row kernel that should issue every load first does not.
-A kernel's same-bits promises (KernelSpec.same_bits: the GELU's erf against libdevice's)
+A kernel's same-bits promises (KernelSpec.same_bits: the GELU against one on CUDA's erff)
 are built in a probe for each target and both PTX programs run on CPU over the promise's
 inputs (ptx_eval); one differing input fails the gate.
 The table ends with each kernel's bytes moved at the main shape (504 UPerNet, batch 4,
@@ -406,7 +406,8 @@ def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]
     moved = (m * k + groups * n * k) * el + m * n * (2 if epi in (2, 3) else 1) * out_el  # a, w per group, y (+ x)
     if c.get("FLATTEN"):  # the epilogue sits inside the flattened main loop: the model cannot place it
         return None
-    return {name: round(costs.gemm_us(card, m, n, k, c["BLOCK_M"], c["BLOCK_N"], c["PROGRAMS"] // card["sms"],
+    return {name: round(costs.gemm_us(card, m, n, k, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"],
+                                      c["PROGRAMS"] // card["sms"],
                                       plan.options["num_warps"], rec["epilogue_instructions"],
                                       rec.get("serial_waits_before_mma") or 0, bool(c.get("FLATTEN")), moved,
                                       tensor_cores=c.get("DOT_PRECISION") != "ieee",

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import triton
 
+from .kernels.gemm import cuts_tiles
 from .kernels.registry import Shape
 
 
@@ -109,7 +110,7 @@ MEMSET_US = 2.0
 ATTENTION_TFLOPS = 450.0  # lead: SDPA (cuDNN / FlashAttention) at head dim 128, 1297 tokens, not measured here
 
 
-def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas_per_sm: int, warps: int,
+def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, ctas_per_sm: int, warps: int,
             epilogue_instructions: int, serial_waits: int, flatten: bool, bytes_moved: int,
             tensor_cores: bool = True, fp8: bool = False, stream_k: bool = False) -> float:
     """The persistent GEMM's predicted microseconds.
@@ -134,7 +135,7 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, ctas
     exposed = epilogue + (serial_waits + (0 if flatten else 1)) * WAIT_US
     per_tile = mma + exposed if ctas_per_sm == 1 else max(mma, (mma + exposed) / ctas_per_sm)
     programs = ctas_per_sm * card["sms"]
-    if stream_k and tiles > programs and tiles % programs:
+    if stream_k and cuts_tiles(tiles, programs, k, block_k):
         rounds, meeting = tiles / card["sms"], 2 * WAIT_US + MEMSET_US
         bytes_moved += (programs - 1) * 3 * 4 * block_m * block_n
     else:

@@ -532,11 +532,12 @@ def plan_linear(a: Meta, w: Meta, out: Meta, epilogue: str, target: Target, x: O
     # that may straddle it), each with both pieces' fp32 partial sums, and a counter per slot;
     # one unused element of each where no tile is cut (the same pointer types: the same binary).
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    slots = max(ctas * target.sms - 1, 1) if stream_k and cuts_tiles(tiles, ctas * target.sms, k, bk) else 1
+    cut = stream_k and cuts_tiles(tiles, ctas * target.sms, k, bk)
+    slots = max(ctas * target.sms - 1, 1) if cut else 1
     args = dict(tensors, BIAS=bias if bias is not None else w, GAMMA=gamma if gamma is not None else w,
                 A_SCALE=a_scale if scaled else a, W_SCALE=w_scale if scaled else a,
                 Y_SCALE=out_scale if quant_out else a,
-                WORKSPACE=Meta.contiguous((slots, 2, bm * bn) if slots > 1 else (1,), torch.float32) if stream_k else a,
+                WORKSPACE=Meta.contiguous((slots, 2, bm * bn) if cut else (1,), torch.float32) if stream_k else a,
                 COUNTERS=Meta.contiguous((slots,), torch.int32) if stream_k else a,
                 M=m, N=n, K=k, stride_am=a.stride[0], stride_wn=w.stride[0],
                 stride_xm=x.stride[0] if x is not None else 0, stride_ym=out.stride[0])

@@ -450,7 +450,7 @@ def test_stream_k_workspace_only_where_a_tile_is_cut(monkeypatch):
                                 "none", target, config=cfg)
         assert cut == bool(_cut_tiles(-(-m // 32) * -(-n // 32), -(-k // 16), 3)), (m, n, k)
         assert (plan.args["WORKSPACE"].dtype, plan.args["COUNTERS"].dtype) == (torch.float32, torch.int32)
-        assert (plan.args["WORKSPACE"].shape[0] > 1) == cut, (m, n, k)
+        assert plan.args["WORKSPACE"].shape == ((2, 2, 32 * 32) if cut else (1,)), (m, n, k)
         zeroed = []
         real_zeros = torch.zeros
         monkeypatch.setattr(torch, "zeros", lambda *a, **kw: zeroed.append(a) or real_zeros(*a, **kw))
@@ -459,6 +459,11 @@ def test_stream_k_workspace_only_where_a_tile_is_cut(monkeypatch):
                       config=cfg)
         monkeypatch.undo()
         assert bool(zeroed) == cut and not out.isnan().any(), (m, n, k)
+    # two programs: one slot, and still a whole slot of two partial tiles
+    bf = torch.bfloat16
+    plan = gemm.plan_linear(Meta.contiguous((96, 64), bf), Meta.contiguous((32, 64), bf), Meta.contiguous((96, 32), bf),
+                            "none", Target("interpreter", 1, {}), config=dict(cfg, CTAS_PER_SM=2))
+    assert _cut_tiles(3, 4, 2) and plan.args["WORKSPACE"].shape == (1, 2, 32 * 32)
 
 
 def test_stream_k_settings_are_checked():

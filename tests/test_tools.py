@@ -145,7 +145,7 @@ def test_gate_builds_the_tuners_candidates():
 def test_cost_model_moves_the_way_the_builds_say():
     from internvit_fast import costs
     card = costs.CARDS["h100"]
-    base = dict(m=5188, n=3200, k=3200, block_m=128, block_n=128, ctas_per_sm=1, warps=8, epilogue_instructions=300,
+    base = dict(m=5188, n=3200, k=3200, block_m=128, block_n=128, block_k=64, ctas_per_sm=1, warps=8, epilogue_instructions=300,
                 serial_waits=0, flatten=False, bytes_moved=0)
     t = costs.gemm_us(card, **base)
     tiles_per_sm = -(-41 * 25 // 132)
