@@ -494,6 +494,7 @@ SAME_BITS = """if True:
         factored=[("small = tl.fma(q, x, x)", "small = x * (1.0 + q)")],
         ex2_of_ln=[("tl.exp2(tl.fma(p, -a, -a))", "tl.exp(tl.fma(p, -a, -a) * 0.6931471805599453)")],
     )
+    what, _, ref, x = spec.same_bits(np.random.default_rng())[0]
     for name, edits in mutations.items():
         text = src
         for old, new in edits:
@@ -504,7 +505,6 @@ SAME_BITS = """if True:
         module_spec = importlib.util.spec_from_file_location(f"mut_{name}", path)
         mod = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(mod)
-        what, _, ref, x = spec.same_bits(np.random.default_rng())[0]
         mutated = dataclasses.replace(spec, same_bits=lambda rng: [(what, mod.gelu_value, ref, x)])
         (rec,) = cc.same_bits(mutated, 90, np.random.default_rng())
         print(name, rec.get("differ"), len(rec["failures"]))
