@@ -321,6 +321,10 @@ def test_tile_order_covers_every_tile_once_in_balanced_groups(device):
         assert len(sizes) == -(-num_pid_m // group)
 
 
+# Stream-K's tests: 32x32 tiles and 16-deep K-steps, so small shapes have tiles to cut
+SMALL_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1)
+
+
 def _cut_tiles(tiles, k_tiles, programs):
     """The tiles stream-K cuts in two, worked out here independently of the kernel: the last
     (tiles mod P) + P tiles' K-steps split into P equal ranges (floor of p * steps / P)."""
@@ -395,7 +399,7 @@ def test_stream_k_cut_tiles_meet_in_either_order(device, epilogue, k):
     a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, device)
     g = _rand(n, dtype=torch.bfloat16, device=device, scale=0.3) if epilogue == "residual" else None
     x = _rand(m, n, dtype=torch.bfloat16, device=device, scale=3) if epilogue == "residual" else None
-    base = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1)
+    base = SMALL_TILES
     for ctas in (1, 2):
         assert _cut_tiles(8, 7, 3 * ctas), "nothing cut: the test would test nothing"
         outs = []
@@ -427,7 +431,7 @@ def test_reverse_programs_turns_the_meeting_round(monkeypatch):
     monkeypatch.setattr(gemm, "_meet_partial", meet_partial_start_poisons)
     m, k, n = 100, 112, 50
     a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, "cpu")
-    base = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1, STREAM_K=True)
+    base = dict(SMALL_TILES, STREAM_K=True)
     nans = []
     for reverse in (False, True):
         out = _nan((m, n), torch.bfloat16, "cpu")
@@ -442,7 +446,7 @@ def test_stream_k_workspace_only_where_a_tile_is_cut(monkeypatch):
     pointer types either way (one binary)."""
     from internvit_fast.kernels.launch import Meta, Target
     target = Target("interpreter", 3, {})
-    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPI_SPLIT=2, num_warps=4, num_stages=1, STREAM_K=True)
+    cfg = dict(SMALL_TILES, STREAM_K=True)
     for (m, n, k), cut in {(128, 64, 64): True, (96, 64, 64): False, (64, 32, 64): False, (128, 64, 16): False,
                            (128, 64, 17): True}.items():
         bf = torch.bfloat16
