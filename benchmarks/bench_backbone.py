@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from benchmarks import harness
-from internvit_fast import InternViT6B, parity
+from internvit_fast import InternViT6B
+from internvit_fast.kernels import parity
 from internvit_fast.graphs import capture
-from internvit_fast.presets import PRESETS, flops_per_image
+from internvit_fast.segmentation.presets import PRESETS, flops_per_image
 
 if harness.CUDA:
     CONFIGS, BATCHES, MAIN = ["upernet", "linear"], [4, 1, 2, 8], "upernet"
@@ -169,13 +170,13 @@ def test_full_size_parity(record_check):
 def test_fp8_features(record_check):
     """precision="fp8" against bf16 on the same weights at full size, per out_index (relative
     L2 error and cosine of the features; float64 does not fit beside a 6B model): what
-    python -m internvit_fast.precision_check prints, on random weights."""
+    python -m internvit_fast.cli.precision prints, on random weights."""
     model, fp8 = model_for(MAIN), fp8_model_for(MAIN)
     size = PRESETS[MAIN]["img_size"]
     img = torch.randn(1, 3, size, size, device=harness.DEVICE)
     with path_settings(model, fast=True), path_settings(fp8, fast=True), torch.inference_mode():
         ref, got = model(img), fp8(img)
-    from internvit_fast.precision_check import compare
+    from internvit_fast.cli.precision import compare
     rows = compare([g.double() for g in got], [r.double() for r in ref])
     record_check(check="fp8_features", config=MAIN, out_indices=list(model.out_indices), rows=rows)
     assert all(r["cos"] > 0.99 for r in rows), rows

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from internvit_fast import attention, costs
+from internvit_fast import attention
+from tools import costs
 from internvit_fast.kernels import REGISTRY
 from internvit_fast.kernels.registry import Shape, smoke_shape
 

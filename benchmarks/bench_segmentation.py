@@ -1,8 +1,8 @@
 """Whole-image slide inference, as segmentation users run it: time per image.
 
-An image is cut into 504x504 windows 322 apart (mmseg's slide grid, internvit_fast.slide),
+An image is cut into 504x504 windows 322 apart (mmseg's slide grid, internvit_fast.segmentation.slide),
 each window runs the UPerNet-configuration backbone (bf16) and upstream's decode head, the
-native UPerHead (internvit_fast.heads: 4 x 3200 channels in, 1536, 150 classes; its logits
+native UPerHead (internvit_fast.segmentation.heads: 4 x 3200 channels in, 1536, 150 classes; its logits
 equal mmseg's, tests/test_heads.py), and the logits are stitched back. Paths, on the same
 weights:
 
@@ -25,9 +25,9 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_backbone import model_for, path_settings
-from internvit_fast.presets import PRESETS
-from internvit_fast.segmentor import HEADS, Segmentor
-from internvit_fast.slide import window_boxes
+from internvit_fast.segmentation.presets import PRESETS
+from internvit_fast.segmentation.segmentor import HEADS, Segmentor
+from internvit_fast.segmentation.slide import window_boxes
 
 if harness.CUDA:
     CONFIG, CROP, STRIDE, SIZES = "upernet", (504, 504), (322, 322), [(512, 683), (512, 512), (1024, 2048)]

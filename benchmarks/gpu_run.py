@@ -137,7 +137,7 @@ def markdown(res: dict) -> str:
         pred = {k: v.get(card) for k, v in (res.get("predicted_us") or {}).items()}
         lines += ["## Kernels (bf16, rows = 1297 x batch, width 3200)", "",
                   f"Predicted: the cost model's time for the kernel ({card}) at batch 4, from its sm_90 build "
-                  "(`python -m internvit_fast.compile_check --block`).", "",
+                  "(`python -m tools.gate --block`).", "",
                   "| group | impl | ms | GB/s | of copy | TFLOP/s | of matmul | predicted ms | measured / predicted |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in res["kernels"] + res["attention"]:
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
         # The cost model's prediction for each kernel at the main shape (sm_90 builds, ~10 s
         # of CPU), beside what was measured: the first GPU run calibrates the model.
         try:
-            from internvit_fast.compile_check import predictions
+            from tools.gate import predictions
             run.res["predicted_us"] = predictions()
         except Exception as e:  # noqa: BLE001 - a convenience; the measurements are kept either way
             run.log(f"no predictions: {type(e).__name__}: {e}")

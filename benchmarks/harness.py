@@ -27,7 +27,7 @@ import pytest
 
 import torch
 
-from internvit_fast import parity
+from internvit_fast.kernels import parity
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional
 
 # The cards' ceilings (matmul, copy, fp64 rates) with their sources: one table for the plan
 # and the compile gate's cost model.
-from internvit_fast.costs import CARDS
-from internvit_fast.presets import PRESETS, flops_per_image
+from tools.costs import CARDS
+from internvit_fast.segmentation.presets import PRESETS, flops_per_image
 
 # Fixed costs, seconds (assumptions: the first GPU run records what they really are).
 PROCESS_START = 8.0     # python, torch, triton imports, CUDA context, pytest collection
@@ -124,7 +124,7 @@ def _profile(card):
 def _segmentation(card):
     # 512x683: 4 windows; 1024x2048: 18; 512x512: 1. Each path: a warm call + ~5 rounds.
     # UPerHead (1536 channels on four 3200-channel levels) adds ~30% to a window's FLOPs.
-    from internvit_fast.segmentor import head_flops
+    from internvit_fast.segmentation.segmentor import head_flops
     windows = 4 + 18 + 1
     head = head_flops("upernet") / flops_per_image(PRESETS["upernet"])
     per_path = 6 * windows * forward_s(card, "upernet", 1) * (1 + head) * 1.3  # batch-1 windows: below the batch-4 rate

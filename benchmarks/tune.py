@@ -27,8 +27,8 @@ import time
 import torch
 
 from benchmarks import harness
-from internvit_fast import costs
-from internvit_fast.kernels import REGISTRY, tuning
+from tools import costs
+from internvit_fast.kernels import REGISTRY, launch
 from internvit_fast.kernels.launch import Target
 from internvit_fast.kernels.registry import Shape, run, smoke_shape
 
@@ -127,7 +127,7 @@ def _write(out_dir: str, arch: str, card: str, smoke: bool, configs: dict, log: 
     text = json.dumps(result, indent=1)
     targets = [os.path.join(out_dir, f"tuned-{arch}.json")]
     if not smoke:  # the launchers read this file; the smoke run must not leave one behind
-        targets.append(os.path.join(tuning.TUNED_DIR, f"{arch}.json"))
+        targets.append(os.path.join(launch.TUNED_DIR, f"{arch}.json"))
     for path in targets:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:

@@ -19,8 +19,6 @@ unfused alternative where the tuned table for the card says that measured faster
 """
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from typing import List, Sequence
 
@@ -30,7 +28,7 @@ from torch import nn
 
 from .kernels import kernels_can_run_on
 from .kernels.block_ops import norm_input
-from .kernels._common import FLOAT_DTYPES
+from .kernels.common import FLOAT_DTYPES
 
 _warned_cpu = False
 
@@ -62,17 +60,6 @@ def use_kernels(model, x: torch.Tensor) -> bool:
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
         return False
     return True
-
-
-def restart_in_interpreter(module: str) -> None:
-    """For command-line entry points on a CPU: Triton reads TRITON_INTERPRET once, when it is
-    imported, so the process starts again (``python -m module`` with the same arguments) with
-    it set. Only ever called for a command line, which the entry points tell by ``argv is
-    None`` (argparse's convention: parse sys.argv): a caller that passes its arguments keeps
-    its process (its fast model runs the reference ops, with the warning above)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
-                  dict(os.environ, TRITON_INTERPRET="1"))
 
 
 def _sharded(model) -> bool:

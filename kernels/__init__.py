@@ -10,7 +10,7 @@ over it.
 """
 # The modules first: importing an op named like its module (rms_norm) rebinds the name.
 from . import block_ops as _block_ops, fp8 as _fp8, gelu as _gelu, qk_norm as _qk_norm, rms_norm as _rms_norm
-from ._common import INTERPRETING, kernels_can_run_on
+from .common import INTERPRETING, kernels_can_run_on
 from .block_ops import attention_residual, linear_gelu, linear_residual_norm, mlp_residual, mlp_residual_norm
 from .gelu import gelu_launch, gelu_ref
 from .gemm import linear_launch, linear_ref

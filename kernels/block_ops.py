@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemm, registry
-from ._common import rows_of
+from . import gemm, launch, registry
+from .common import rows_of
 from .fp8 import Fp8Activation, fp8_linear, fp8_linear_gelu, fp8_linear_residual_norm, quantize_fp8, rms_norm_fp8
 from .gelu import gelu, gelu_launch
 from .gemm import TABLE_NAME, linear_launch, linear_ref
 from .launch import LaunchPlan, Meta, Target
 from .registry import Choice, KernelSpec, Shape
 from .rms_norm import residual_rms_norm, rms_norm, rms_norm_ref
-from .tuning import choice
 
 
 def _needs_grad(*tensors) -> bool:
@@ -142,7 +141,7 @@ def linear_gelu(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """GELU(a @ weight^T + bias) for a of shape (..., K): the fused GEMM, or cuBLAS + the GELU
     kernel where the tuned table measured that faster on this card."""
     m, (n, k) = a.numel() // max(1, a.shape[-1]), weight.shape
-    if choice("linear_gelu", Target.of(a.device), M=m, N=n, K=k, dtype=a.dtype) == "unfused":
+    if launch.choice("linear_gelu", Target.of(a.device), M=m, N=n, K=k, dtype=a.dtype) == "unfused":
         return gelu_unfused(a, weight, bias)
     return gelu_fused(a, weight, bias)
 
@@ -173,7 +172,7 @@ def linear_residual_norm(a: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     (empty without norm_weight). The GEMM's residual epilogue then rms_norm, or cuBLAS +
     residual_rms_norm where the tuned table measured that faster."""
     m, (n, k) = a.numel() // max(1, a.shape[-1]), weight.shape
-    if choice("linear_residual", Target.of(a.device), M=m, N=n, K=k, dtype=a.dtype) == "unfused":
+    if launch.choice("linear_residual", Target.of(a.device), M=m, N=n, K=k, dtype=a.dtype) == "unfused":
         return residual_unfused(a, weight, bias, gamma, x, norm_weight, eps)
     return residual_fused(a, weight, bias, gamma, x, norm_weight, eps)
 
@@ -259,7 +258,7 @@ def _candidates(epilogue: str):
     extra settings). On sm_90 besides the tile shapes: two CTAs per SM (4 warps, 3 stages,
     under half the shared memory each, so one CTA's epilogue runs under the other's main
     loop) and, for fc1, the pipeliner's flattened tile loop (the next tile's loads issued
-    during the epilogue). ``compile_check --candidates`` builds them all for the card."""
+    during the epilogue). ``tools.gate --candidates`` builds them all for the card."""
     def cands(arch: str):
         two = dict(CTAS_PER_SM=2)
         flat = dict(FLATTEN=True)

@@ -8,7 +8,7 @@ GEMMs on FP8 operands.
 Scales as DeepSeek-V3 quantizes for FP8 (1 x 128 activation groups along K, 128 x 128 weight
 blocks), so an outlier channel costs precision only in its own group. Each scale is the
 smallest power of two that brings the group's largest magnitude to at most e4m3's 448
-(_common.fp8_scale): multiplying by it and by its inverse is exact, so quantization is
+(common.fp8_scale): multiplying by it and by its inverse is exact, so quantization is
 reproducible bit for bit (the tests assert equality with the torch reference below) and the
 only rounding is e4m3's. The residual stream and everything outside the GEMMs' inputs stay
 in the activation dtype with upstream's rounding points.
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import registry
-from ._common import (FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, groups, on_device,
+from . import launch, registry
+from .common import (FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, groups, on_device,
                       rows_of)
 from .gemm import linear_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
@@ -56,7 +56,7 @@ DEFAULT = {"BLOCK_M": 32, "num_warps": 4}  # 32 rows x one 128-column group per 
 # --- the torch reference --------------------------------------------------------------------
 
 def scale_ref(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scale, 1 / scale) for fp32 group maxima, by the kernels' formula (_common.fp8_scale)."""
+    """(scale, 1 / scale) for fp32 group maxima, by the kernels' formula (common.fp8_scale)."""
     bits = amax.float().contiguous().view(torch.int32) & 0x7FFFFFFF
     e = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
     e = e.clamp(-126, 127)
@@ -224,7 +224,7 @@ def rms_norm_fp8_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, q: to
     if tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
         raise ValueError(f"{op}: weight must be ({n},) in x's dtype {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
     check_row_width(op, "x", n)
-    _rms._launch(op, as_rows(op, "x", x, n), None, None, weight.contiguous(), None, q.view(-1, n), eps, config,
+    _rms.launch_rows(op, as_rows(op, "x", x, n), None, None, weight.contiguous(), None, q.view(-1, n), eps, config,
                  hs=s.view(-1, groups(n)))
 
 
@@ -303,7 +303,7 @@ def _(q, s, wq, ws, bias, gamma, x, norm_weight, eps=1e-6):
 #
 # torch (2.9+) runs DeepSeek's scaling on cuBLASLt (F.scaled_mm with BlockWise1x128 x
 # BlockWise128x128; sm_90 only, cuBLASLt >= 12.9). The tuned table picks it per shape where
-# the tuner measured it faster (kernels/tuning.py), as cuBLAS is picked for bf16.
+# the tuner measured it faster (launch.choice), as cuBLAS is picked for bf16.
 
 def cublas_fp8_ok(device: torch.device, n: int, k: int) -> bool:
     """Whether cuBLASLt's block-scaled GEMM can run here: torch's ``scaled_mm`` (2.9+) on an
@@ -318,9 +318,8 @@ def cublas_fp8_ok(device: torch.device, n: int, k: int) -> bool:
 def _picks_unfused(name: str, q2: torch.Tensor, wq: torch.Tensor, dtype: torch.dtype) -> bool:
     """The tuned table's pick; the fused kernel wherever the alternative cannot run (a table
     made with another torch, or copied to another card, must not break inference)."""
-    from .tuning import choice
     (m, k), n = q2.shape, wq.shape[0]
-    return (choice(name, Target.of(q2.device), M=m, N=n, K=k, dtype=dtype) == "unfused"
+    return (launch.choice(name, Target.of(q2.device), M=m, N=n, K=k, dtype=dtype) == "unfused"
             and cublas_fp8_ok(q2.device, n, k))
 
 
@@ -539,7 +538,7 @@ def _fp8_judge(epilogue: str):
         error); for fc1's e4m3 output, on the dequantized values (which a quantization that
         picked the wrong scale or rounded wrongly fails: the rule's slack is twice the
         reference's own quantization error)."""
-        from internvit_fast import parity
+        from . import parity
         if "hq" in got:  # the residual op's norm (Choice): exactly the quantized norm of its own x_new
             q, sc = quantize_ref(_rms.rms_norm_ref(got["x_new"], i["norm_weight"], i["eps"]))
             assert torch.equal(got["hs"], sc) and torch.equal(got["hq"].view(torch.uint8), q.view(torch.uint8)), \
@@ -650,7 +649,7 @@ def _norm_judge(got: dict, i: dict) -> None:
 
 def _norm_plan(x: Meta, target: Target, residual: bool = False, gamma: bool = True) -> LaunchPlan:
     rows, n = x.shape
-    metas = {t: x for t in _rms._FWD_TENSORS}
+    metas = {t: x for t in _rms.FWD_TENSORS}
     metas.update(W=Meta.contiguous((n,), x.dtype), G=Meta.contiguous((n,), x.dtype),
                  H_OUT=Meta.contiguous((rows, n), FP8), HS=Meta.contiguous((rows, groups(n)), torch.float32))
     flags = dict(HAS_RESIDUAL=residual, HAS_GAMMA=residual and gamma, HAS_NORM=True, HAS_ROWSCALE=False,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import cast, check_tensors, on_device
+from .common import cast, check_tensors, on_device
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
 
@@ -44,7 +44,7 @@ def _erf(x):
     sign(x) (1 - 2^(-|x| (1 + p(|x|)))). libdevice branches between them, which over a tile
     compiles to selecting seven coefficients per element (the MOVs of the #22 reading); both
     are evaluated here and the result selected once: 17% fewer SASS instructions in fc1's
-    epilogue (compile_check, sm_90, triton 3.6: 5234 -> 4341 per warp per tile). Triton's
+    epilogue (tools.gate, sm_90, triton 3.6: 5234 -> 4341 per warp per tile). Triton's
     libdevice build flushes a subnormal x to zero; this keeps it, as torch's build does (in the
     GELU, 1 + erf(x) is 1 either way). That the GELU built on it gives the bits of one built
     on CUDA's libdevice for every bf16 and fp16 input (and fp32 sweeps) is the compile gate's

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, FP8, FP8_GROUP, INTERPRET, groups, cast, check_tensors, fp8_quantize_groups, on_device
+from .common import FLOAT_DTYPES, FP8, FP8_GROUP, INTERPRET, groups, cast, check_tensors, fp8_quantize_groups, on_device
 from .gelu import gelu_grad, gelu_value
 from .launch import Desc, LaunchPlan, Meta, Target, lookup, table_key
 
@@ -59,7 +59,7 @@ TABLE_NAME = {"gelu": "linear_gelu", "residual": "linear_residual", "none": "lin
               "gelu_grad": "linear_gelu_grad"}
 
 # Launch configurations before tuning, chosen so the sm_90 build keeps its main loop free
-# of spills (python -m internvit_fast.compile_check). sm_90, fc1 and proj/fc2: two CTAs per
+# of spills (python -m tools.gate). sm_90, fc1 and proj/fc2: two CTAs per
 # SM, each 4 warps (one warpgroup) on 128x128x64 tiles with 3 stages (112 KB of shared
 # memory, 255 registers: two fit an SM exactly, which the gate checks), so one CTA's
 # epilogue runs under the other's main loop. The cost model (costs.gemm_us, from the

@@ -21,10 +21,10 @@ import triton.language as tl
 from typing import Dict, Optional
 
 from . import registry
-from ._common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
+from .common import as_rows, cast, check_row_width, check_tensors, on_device, rms_scale_row, row_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
-from .rms_norm import FP_FUSION, _norm_candidates, rms_norm_backward, rms_norm_ref
+from .rms_norm import FP_FUSION, norm_candidates, rms_norm_backward, rms_norm_ref
 
 OP = "qk_norm"
 
@@ -161,5 +161,5 @@ SPEC = KernelSpec(
     plans=lambda target: [plan_qk_norm(_metas(s), 1e-6, target) for s in registry.segmentation_shapes()],
     plan_for=lambda i, target: plan_qk_norm(_metas(Shape(i["qkv"].shape[0], i["qkv"].shape[1] // 3,
                                                          dtype=i["qkv"].dtype)), i["eps"], target),
-    candidates=_norm_candidates,
+    candidates=norm_candidates,
 )

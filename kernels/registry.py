@@ -89,7 +89,7 @@ class KernelSpec:
     training: bool = False  # a backward kernel: tuned after the inference kernels the targets are stated for
     # same_bits(rng) -> [(what, ours, reference, fp32 inputs)]: Triton functions of one fp32
     # value that must give the reference's bits for every one of the inputs, on the GPU; the
-    # compile gate runs both compiled PTX programs on CPU to show it (internvit_fast/ptx_eval.py)
+    # compile gate runs both compiled PTX programs on CPU to show it (tools/ptx_eval.py)
     same_bits: Optional[Callable[[object], List[Tuple[str, object, object, object]]]] = None
 
     @property

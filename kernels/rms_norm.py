@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import registry
-from ._common import (as_rows, cast, check_row_width, check_tensors, fp8_quantize_groups, on_device, rms_scale_row,
+from .common import (as_rows, cast, check_row_width, check_tensors, fp8_quantize_groups, on_device, rms_scale_row,
                       row_launch)
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .registry import KernelSpec, Shape
@@ -123,7 +123,7 @@ def _rms_norm_kernel(
             tl.store(H_OUT + row * stride_ho + cols, cast(h, H_OUT.dtype.element_ty), mask=mask)
 
 
-_FWD_TENSORS = ("X", "Y", "G", "W", "X_OUT", "H_OUT", "S", "HS")
+FWD_TENSORS = ("X", "Y", "G", "W", "X_OUT", "H_OUT", "S", "HS")
 
 
 def plan_rows(name: str, metas: Dict[str, Meta], eps: float, flags: Dict[str, bool], target: Target,
@@ -137,14 +137,14 @@ def plan_rows(name: str, metas: Dict[str, Meta], eps: float, flags: Dict[str, bo
     entry = lookup(target, key)
     launch = row_launch(max(n, 128) if flags.get("QUANT_H") else n, config or (entry or {}).get("config"))
     stride = {t: metas[t].stride[0] for t in ("X", "Y", "X_OUT", "H_OUT")}
-    args = dict({t: metas.get(t, x) for t in _FWD_TENSORS}, stride_x=stride["X"], stride_y=stride["Y"],
+    args = dict({t: metas.get(t, x) for t in FWD_TENSORS}, stride_x=stride["X"], stride_y=stride["Y"],
                 stride_xo=stride["X_OUT"], stride_ho=stride["H_OUT"], N=n, eps=float(eps))
     return LaunchPlan(_rms_norm_kernel, (rows,), args, dict(BLOCK_N=launch["BLOCK_N"], **flags),
                       dict(num_warps=launch["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION), dict(flags),
                       key, entry is not None, f"{name} {x.shape}")
 
 
-def _launch(op: str, x2, y2, g, w, xo, ho, eps, config, s=None, hs=None):
+def launch_rows(op: str, x2, y2, g, w, xo, ho, eps, config, s=None, hs=None):
     if not x2.shape[0]:
         return
     given = dict(X=x2, Y=y2, G=g, W=w, X_OUT=xo, H_OUT=ho, S=s, HS=hs)
@@ -302,7 +302,7 @@ def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
         raise ValueError(f"{OP}: out must be {tuple(x.shape)} {_out_dtype(x, weight)}, "
                          f"got {tuple(out.shape)} {out.dtype}")
     x2, y2 = as_rows(OP, "x", x, n), as_rows(OP, "out", out, n)
-    _launch(OP, x2, None, None, weight.contiguous(), None, y2, eps, config)
+    launch_rows(OP, x2, None, None, weight.contiguous(), None, y2, eps, config)
     return out
 
 
@@ -395,7 +395,7 @@ def residual_rms_norm_launch(x: torch.Tensor, y: torch.Tensor, gamma: Optional[t
                              f"{tuple(x.shape)} {x.dtype} like x")
     x2, y2, xo = (as_rows(op, nm, t, n) for nm, t in (("x", x), ("y", y), ("x_out", x_out)))
     ho = as_rows(op, "h_out", h_out, n) if h_out is not None else None
-    _launch(op, x2, y2, gamma.contiguous() if gamma is not None else None,
+    launch_rows(op, x2, y2, gamma.contiguous() if gamma is not None else None,
             weight.contiguous() if weight is not None else None, xo, ho, eps, config,
             rowscale.contiguous().reshape(-1) if rowscale is not None else None,
             h_scale.view(-1, h_scale.shape[-1]) if h_scale is not None else None)
@@ -446,7 +446,7 @@ residual_rms_norm.register_autograd(_res_backward, setup_context=_res_setup)
 
 # --- what the tools need to know (registry) ----------------------------------------------
 
-def _norm_candidates(arch: str):
+def norm_candidates(arch: str):
     return [dict(num_warps=w) for w in ((4, 16) if arch == "smoke" else (4, 8, 16))]
 
 
@@ -465,7 +465,7 @@ _FWD_VARIANTS = [dict(HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_NORM=True, HAS_RO
 
 def _fwd_plans(flag_sets):
     def plans(target: Target):
-        return [plan_rows(OP if not f["HAS_RESIDUAL"] else RES_OP, _row_metas(s, _FWD_TENSORS), 1e-6, f, target)
+        return [plan_rows(OP if not f["HAS_RESIDUAL"] else RES_OP, _row_metas(s, FWD_TENSORS), 1e-6, f, target)
                 for s in registry.segmentation_shapes() for f in flag_sets]
     return plans
 
@@ -487,7 +487,7 @@ def _res_inputs(shape: Shape, device) -> dict:
 def _plan_for(flags):
     def plan_for(i: dict, target: Target) -> LaunchPlan:
         x = Meta.of(i["x"])
-        return plan_rows(OP if not flags["HAS_RESIDUAL"] else RES_OP, {t: x for t in _FWD_TENSORS}, i["eps"], flags,
+        return plan_rows(OP if not flags["HAS_RESIDUAL"] else RES_OP, {t: x for t in FWD_TENSORS}, i["eps"], flags,
                          target)
     return plan_for
 
@@ -503,7 +503,7 @@ SPEC = KernelSpec(
     reference=lambda i: {"h": rms_norm_ref(i["x"], i["weight"], i["eps"])},
     plans=_fwd_plans(_FWD_VARIANTS[:1]),
     plan_for=_plan_for(_FWD_VARIANTS[0]),
-    candidates=_norm_candidates,
+    candidates=norm_candidates,
 )
 
 RES_SPEC = KernelSpec(
@@ -518,7 +518,7 @@ RES_SPEC = KernelSpec(
     reference=lambda i: dict(zip(("x_new", "h"), rms_norm_ref(i["x"], i["weight"], i["eps"], i["y"], i["gamma"]))),
     plans=_fwd_plans(_FWD_VARIANTS[1:]),
     plan_for=_plan_for(_FWD_VARIANTS[1]),
-    candidates=_norm_candidates,
+    candidates=norm_candidates,
 )
 
 __all__ = ["rms_norm", "rms_norm_launch", "rms_norm_ref", "residual_rms_norm", "residual_rms_norm_launch",
@@ -588,5 +588,5 @@ BWD_SPEC = KernelSpec(
     reference=_bwd_reference,
     plans=_bwd_plans,
     plan_for=_bwd_plan_for,
-    candidates=_norm_candidates,
+    candidates=norm_candidates,
 )

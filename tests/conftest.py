@@ -24,14 +24,14 @@ def tuned_table(tmp_path, monkeypatch):
     tests run on (the interpreter's, on a CPU; the GPU's own arch on a GPU)."""
     import json
 
-    from internvit_fast.kernels import tuning
+    from internvit_fast.kernels import launch
     from internvit_fast.kernels.launch import Target
 
     def install(table: dict) -> None:
         arch = Target.of(DEVICE).arch
         (tmp_path / f"{arch}.json").write_text(json.dumps(table))
-        monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
-        tuning.table.cache_clear()
+        monkeypatch.setattr(launch, "TUNED_DIR", str(tmp_path))
+        launch.table.cache_clear()
 
     yield install
-    tuning.table.cache_clear()
+    launch.table.cache_clear()

@@ -1,7 +1,8 @@
 """Shared test helpers: small configurations and the parity rule."""
 import torch
 
-from internvit_fast import InternViT6B, parity
+from internvit_fast import InternViT6B
+from internvit_fast.kernels import parity
 
 SMALL = dict(embed_dim=96, num_heads=3, depth=4, img_size=56, patch_size=14, pretrain_size=56, out_indices=[1, 3])
 
@@ -27,7 +28,7 @@ def randomize(model: torch.nn.Module, scale: float = 0.3) -> None:
 
 def assert_parity(out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor, atol: float = 1e-5,
                   what: str = "") -> None:
-    """The parity rule (internvit_fast.parity): |out - ref64| <= 2 * |torch_same_dtype - ref64| (max)
+    """The parity rule (internvit_fast.kernels.parity): |out - ref64| <= 2 * |torch_same_dtype - ref64| (max)
     + atol, no NaN."""
     assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
     verdict = parity.check(out, ref64, torch_same_dtype, atol)

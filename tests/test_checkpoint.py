@@ -231,7 +231,7 @@ def test_bad_last_tensor_raises_before_anything_is_copied(tmp_path, bad, msg):
 
 
 def test_failure_during_the_copy_is_never_silent(tmp_path, monkeypatch):
-    from internvit_fast import checkpoint
+    from internvit_fast.checkpoint import loader
     src, dst = _fresh(), _fresh()
     torch.save(src.state_dict(), tmp_path / "ok.pth")
     calls = []
@@ -241,7 +241,7 @@ def test_failure_during_the_copy_is_never_silent(tmp_path, monkeypatch):
         if len(calls) == 5:
             raise OSError("disk went away")
         return v
-    monkeypatch.setattr(checkpoint, "materialize", failing)
+    monkeypatch.setattr(loader, "materialize", failing)
     with pytest.raises(CheckpointError, match="failed .*disk went away.* after 4 of .* mix of old and new"):
         load_checkpoint(dst, tmp_path / "ok.pth")
 

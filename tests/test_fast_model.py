@@ -85,8 +85,8 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_training_through_the_kernels_gives_the_reference_gradients_fp32(device, monkeypatch, case):
-    naive, fast, _ = _pair(torch.float32, **TRAIN_CASES[case])
-    naive, fast = naive.to(device).train(), fast.to(device).train()
+    naive, fast, ref64 = _pair(torch.float32, **TRAIN_CASES[case])
+    naive, fast, ref64 = naive.to(device).train(), fast.to(device).train(), ref64.to(device).train()
     calls = _spy(monkeypatch)
     img = torch.randn(2, 3, 56, 42, device=device)
     with torch.no_grad():
@@ -97,9 +97,17 @@ def test_training_through_the_kernels_gives_the_reference_gradients_fp32(device,
     for a, b in zip(out_f, out_n):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert got.keys() == want.keys() and len(got) > 20
+    exact = None
     for name in want:  # fp32: equal up to the order of the sums (the weight gradients' partial sums)
         scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4 * scale + 1e-8, msg=name)
+        if torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale + 1e-8):
+            continue
+        # A sum that cancels (drop path zeroes whole rows; the reference's own fp32 error, which
+        # depends on the CPU's SDPA kernels, is then of that size too): the parity rule against
+        # float64, with the reference path's fp32 error as the allowance.
+        if exact is None:
+            _, exact = _train_grads(ref64, img.double(), [g.double() for g in grad_out], seed=5)
+        assert_parity(got[name], exact[name], want[name], atol=1e-5 * scale + 1e-8, what=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -430,11 +430,13 @@ def test_fp8_state_dict_round_trips_and_stays_out_of_bf16_models(tmp_path):
 def test_precision_check_prints_the_table(capsys, monkeypatch):
     import json
 
-    from internvit_fast import fast_path, precision_check
+    import os
 
-    def restart(module):
+    from internvit_fast.cli import precision as precision_check
+
+    def restart(*a, **k):
         raise AssertionError("a library call of precision_check.main() would replace the caller's process")
-    monkeypatch.setattr(fast_path, "restart_in_interpreter", restart)  # only the command line may
+    monkeypatch.setattr(os, "execve", restart)  # only the command line may
     assert precision_check.main(["--config", "small", "--batch", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["out_index"] for r in out["rows"]] == [0, 1, 2, 3] and out["fast"]
@@ -446,7 +448,7 @@ def test_mmseg_runner_loads_bf16_into_fp8_and_refuses_fp8_into_bf16(tmp_path):
     pytest.importorskip("mmengine")
     from safetensors.torch import save_file
 
-    from internvit_fast.mmseg_runner import load_segmentor_weights
+    from internvit_fast.mmseg import load_segmentor_weights
     src = _model()
     torch.save({"state_dict": src.state_dict(), "meta": {}}, tmp_path / "bf16.pth")
     dst = InternViT6B(**CFG, precision="fp8")
@@ -496,7 +498,7 @@ def test_an_fp8_file_with_a_bad_scale_is_refused_before_anything_loads(tmp_path,
         return
     if loader == "load_segmentor_weights":
         pytest.importorskip("mmengine")
-        from internvit_fast.mmseg_runner import load_segmentor_weights as load
+        from internvit_fast.mmseg import load_segmentor_weights as load
     else:
         load = load_checkpoint
     with pytest.raises(CheckpointError, match="weight_scale"):
@@ -576,13 +578,13 @@ def test_fp8_model_through_the_unfused_alternatives(device, monkeypatch):
     """Where the tuned table picks the unfused alternatives (cuBLASLt + row kernels; on a CPU
     the torch GEMM + the same row kernels), the fast FP8 model still computes the reference
     FP8 model."""
-    from internvit_fast.kernels import tuning
+    from internvit_fast.kernels import launch
     from internvit_fast.kernels.launch import recording
     m = _fp8_copy(_model()).to(device)
     x = torch.randn(2, 3, 56, 56, device=device)
     ref = _features(m, x)
     m.fast = True
-    monkeypatch.setattr(tuning, "choice", lambda *a, **k: "unfused")
+    monkeypatch.setattr(launch, "choice", lambda *a, **k: "unfused")
     with recording() as plans:
         got = _features(m, x)
     ran = {p.tuned_key[0] for p in plans}
@@ -657,7 +659,7 @@ def test_residual_norm_fp8_without_layerscale_and_its_guards(device):
 
 
 def test_fp8_cost_column_takes_the_cheaper_of_fused_and_cublas():
-    from internvit_fast import costs
+    from tools import costs
     slow = {k: {"h100": 1e6, "h200": 1e6} for k in ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]",
                                                    "fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]",
                                                    "fp8_linear_residual[fc2]")}
@@ -676,7 +678,7 @@ def test_loaders_refuse_integer_and_nan_weights_and_a_scale_without_its_weight(t
     fp8 = {k: v.contiguous() for k, v in _fp8_copy(_model()).state_dict().items()}
     loaders = [lambda m, p: load_checkpoint(m, p)]
     try:
-        from internvit_fast.mmseg_runner import load_segmentor_weights
+        from internvit_fast.mmseg import load_segmentor_weights
         loaders.append(lambda m, p: load_segmentor_weights(m, str(p)))
     except ImportError:  # mmengine not installed: the runner's loader is not there to test
         pass

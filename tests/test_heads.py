@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import assert_parity
-from internvit_fast.heads import BNHead, FCNHead, UPerHead
+from internvit_fast.segmentation.heads import BNHead, FCNHead, UPerHead
 
 mmseg = pytest.importorskip("mmseg", reason="the reference heads are mmseg's (installed in CI)")
 from mmseg.registry import MODELS  # noqa: E402

@@ -91,7 +91,8 @@ def test_build_on_a_placeholder_class_is_refused(tmp_path):
     _torch_zip_with_pickle(path, _build_on_global("mmengine.fake", "Thing", "internvit_pwned"))
     with pytest.raises(CheckpointError, match="(?i)build"):
         load_checkpoint(_fresh(), path)
-    from internvit_fast import checkpoint, safe_pickle
+    from internvit_fast import checkpoint
+    from internvit_fast.checkpoint import safe_pickle
     classes = [c for m in (checkpoint, safe_pickle) for c in vars(m).values() if isinstance(c, type)]
     assert not [c for c in classes if hasattr(c, "internvit_pwned")], "a file set an attribute on a class"
 
@@ -248,7 +249,7 @@ def test_dcp_crafted_metadata_does_not_run(tmp_path):
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_dcp_metadata_state_changes_on_globals_are_refused(tmp_path, protocol):
     """BUILD on an allowed global (torch.Size) and SETITEM on a non-container are refused."""
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     build = b"\x80\x02ctorch\nSize\nN}" + _binunicode("pwned") + b"\x88s\x86b."
     with pytest.raises(safe_pickle.UnsafeFileError, match="BUILD"):
         safe_pickle.load_dcp_metadata(build)
@@ -263,7 +264,7 @@ def test_dcp_metadata_state_changes_on_globals_are_refused(tmp_path, protocol):
 
 def test_dcp_metadata_reader_reads_what_dcp_writes(tmp_path):
     """The restricted reader gives the same entries as DCP's own (unrestricted) reader would."""
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     state = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": {"n": 1}}
     _dcp_save(state, tmp_path / "ck")
     meta = safe_pickle.load_dcp_metadata((tmp_path / "ck" / ".metadata").read_bytes())
@@ -345,10 +346,10 @@ def test_index_naming_a_link_out_of_its_folder_is_refused(tmp_path):
 # --- prefix detection on a file with very many prefixes ----------------------------------------------
 
 def test_prefix_detection_is_linear_in_the_number_of_keys(monkeypatch):
-    from internvit_fast import checkpoint
+    from internvit_fast.checkpoint import loader
     calls = []
-    real = checkpoint._upstream_name
-    monkeypatch.setattr(checkpoint, "_upstream_name", lambda k: calls.append(1) or real(k))
+    real = loader.upstream_name
+    monkeypatch.setattr(loader, "upstream_name", lambda k: calls.append(1) or real(k))
     model = _fresh()
     own = model.state_dict()
     for n in (2000, 20000):
@@ -376,7 +377,7 @@ def test_deeply_nested_values_are_refused_before_they_are_built(tmp_path, compre
     _zip_pickle(tmp_path / "deep.pth", b"\x80\x02})" + b"\x85" * 200_000 + b"K\x01s.", compress)
     with pytest.raises(CheckpointError, match="deeper than|compressed"):
         load_checkpoint(_fresh(), tmp_path / "deep.pth")
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeFileError, match="deeper than"):
         safe_pickle.load_dcp_metadata(b"\x80\x02)" + b"\x85" * 200_000 + b".")
 
@@ -384,7 +385,7 @@ def test_deeply_nested_values_are_refused_before_they_are_built(tmp_path, compre
 def test_a_memoized_dag_of_tuples_is_refused_before_it_is_built(tmp_path):
     # t(i+1) = (t(i), t(i)) through the memo: 24 levels are 2^24 parts to hash, compare or print
     dag = b"\x80\x02)q\x00" + b"h\x00h\x00\x86q\x00" * 24 + b"."
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeFileError, match="expands to more than"):
         safe_pickle.load_dcp_metadata(dag)
     _zip_pickle(tmp_path / "dag.pth", b"\x80\x02}" + dag[2:-1] + b"K\x01s.")
@@ -414,7 +415,7 @@ def test_allocations_the_file_does_not_hold_are_refused(tmp_path):
 def test_codecs_that_import_modules_are_refused(tmp_path, codec):
     import encodings
     import sys
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     cached, modules = set(encodings._cache), set(sys.modules)
     _zip_pickle(tmp_path / "c.pth", b"\x80\x02c_codecs\nencode\n" + _binunicode("x") + _binunicode(codec) + b"\x86R.")
     with pytest.raises(CheckpointError, match="latin-1"):
@@ -516,7 +517,7 @@ def test_dcp_tensor_of_a_huge_declared_size_is_never_read(tmp_path, monkeypatch)
     whose shape does not fit the model (a flat cls_token is reshaped only at the model's size)."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
 
-    from internvit_fast import dcp
+    from internvit_fast.checkpoint import dcp
     folder = _dcp_folder(tmp_path)
     meta = _meta_of(folder)
     n = 1 << 29
@@ -604,7 +605,7 @@ def test_a_folder_cannot_point_reads_elsewhere_or_block(tmp_path, what):
 
 
 def test_placeholders_keep_nothing_of_the_file(tmp_path):
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     torch.save({"state_dict": {}, "x": _Stateful()}, tmp_path / "s.pth")
     obj, skipped = safe_pickle.load_torch_file(str(tmp_path / "s.pth"))
     assert skipped == [f"{__name__}._Stateful"]
@@ -618,7 +619,7 @@ class _Stateful:
 
 @pytest.mark.parametrize("op", [b"i__main__\nX\n", b"o", b"\x82\x01", b"P1\n", b"Q", b"\x92", b"\x96"])
 def test_dcp_metadata_refuses_opcodes_a_data_file_never_needs(op):
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeFileError):
         safe_pickle.load_dcp_metadata(b"\x80\x04(" + op + b".")
 
@@ -631,7 +632,7 @@ def test_dcp_metadata_refuses_opcodes_a_data_file_never_needs(op):
     b"\x8f(K\x01\x90ctorch\nSize\n)R(K\x01\x90.",                           # ADDITEMS onto a non-set
 ])
 def test_dcp_metadata_state_changes_and_calls_outside_the_list_are_refused(body):
-    from internvit_fast import safe_pickle
+    from internvit_fast.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeFileError):
         safe_pickle.load_dcp_metadata(b"\x80\x04" + body)
 

@@ -12,7 +12,7 @@ from helpers import assert_parity
 from internvit_fast.kernels import (INTERPRETING, REGISTRY, gelu_launch, linear_gelu, linear_launch, linear_ref,
                                     linear_residual_norm, qk_norm, qk_norm_launch, qk_norm_ref, residual_rms_norm,
                                     residual_rms_norm_launch, rms_norm, rms_norm_launch, rms_norm_ref)
-from internvit_fast.kernels import block_ops, gemm, tuning
+from internvit_fast.kernels import block_ops, gemm, launch
 from internvit_fast.kernels.registry import Shape, float64, run
 from internvit_fast.model import LayerScale, Mlp, RMSNorm
 
@@ -514,7 +514,7 @@ def test_choice_runs_the_alternative_the_table_names(device, monkeypatch, unfuse
 
 def test_choice_defaults_to_fused():
     from internvit_fast.kernels.launch import Target
-    assert tuning.choice("linear_gelu", Target("sm90", 132), M=5188, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
+    assert launch.choice("linear_gelu", Target("sm90", 132), M=5188, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
 
 
 # --- bad input: clear errors before any launch ----------------------------------------------
@@ -566,7 +566,7 @@ def test_interpreter_that_cannot_run_gets_one_clear_error(monkeypatch):
     import numpy
     import triton
 
-    from internvit_fast.kernels import _common
+    from internvit_fast.kernels import common as _common
 
     class Broken:
         def __getitem__(self, grid):

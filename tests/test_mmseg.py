@@ -69,7 +69,7 @@ def test_config_predicts_and_trains(path):
     cfg = shrunk(path)
     model = MODELS.build(cfg.model)
     backbone = model.backbone
-    assert type(backbone).__module__ == "internvit_fast.mmseg" and backbone.fast
+    assert type(backbone).__module__ == "internvit_fast.mmseg.backbone" and backbone.fast
     assert backbone.dtype == torch.bfloat16  # upstream's convention: bf16 backbone, fp32 heads
     frozen = cfg.model.backbone.freeze_vit
 

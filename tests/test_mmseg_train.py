@@ -179,7 +179,7 @@ def _worker(rank, world, wrapper, init_file, out_dir):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if wrapper == "InternViTFSDP":
-        from internvit_fast import dcp
+        from internvit_fast.checkpoint import dcp
         dcp.save(os.path.join(out_dir, "sharded"),
                  {f"model.{k}": v for k, v in get_model_state_dict(module).items()}, {})
     else:  # evaluation through the wrapper: each process predicts its image
@@ -374,7 +374,7 @@ def test_torchrun_with_the_recipes_syncbn_on_cpu_keeps_one_set_of_norm_statistic
     assert rc == 0, log[-4000:]
     assert "SyncBN norm layers reverted to BatchNorm" in log
     ranks = [torch.load(work / f"bn_rank{r}.pt", weights_only=True) for r in range(2)]
-    from internvit_fast.mmseg_runner import read_runner_file
+    from internvit_fast.mmseg import read_runner_file
     saved = read_runner_file(str(work / "iter_2.pth"))["state_dict"]
     assert ranks[0] and set(ranks[0]) == set(ranks[1])
     for name, value in ranks[0].items():
@@ -439,7 +439,7 @@ def test_resume_and_load_from_in_one_process(tmp_path):
     rc, log = _run(["train", cfg_path, "--work-dir", parts, "--resume", *opts, "train_cfg.max_iters=4"])
     assert rc == 0, log[-4000:]
     assert "resumed epoch: 0, iter: 2" in log
-    from internvit_fast.mmseg_runner import read_runner_file
+    from internvit_fast.mmseg import read_runner_file
     a, b = (read_runner_file(str(w / "iter_4.pth")) for w in (whole, parts))
     assert a["meta"]["iter"] == b["meta"]["iter"] == 4
     for k, v in a["state_dict"].items():
@@ -509,7 +509,7 @@ def test_runner_checkpoints_are_read_with_exactly_mmengines_types(tmp_path):
     import numpy as np
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    from internvit_fast.mmseg_runner import read_runner_file
+    from internvit_fast.mmseg import read_runner_file
     hub = MessageHub.get_instance("internvit_fast_resume_test")
     hub.update_scalar("train/loss", 0.5)
     hub.update_scalar("train/loss", 0.25)
@@ -525,7 +525,7 @@ def test_runner_checkpoints_are_read_with_exactly_mmengines_types(tmp_path):
     assert type(buf) is HistoryBuffer and buf.mean() == 0.375 and buf.current() == 0.25
     assert got["meta"]["iter"] == 7 and np.array_equal(got["meta"]["hist"], np.arange(3.0))
     assert "evil_statistic" not in HistoryBuffer._statistics_methods
-    from internvit_fast.safe_pickle import Placeholder
+    from internvit_fast.checkpoint.safe_pickle import Placeholder
     assert issubclass(got["evil"], Placeholder) and got["evil"].name == "builtins.eval"  # not eval itself
     assert torch.equal(got["state_dict"]["w"], torch.ones(2))
 
@@ -541,7 +541,7 @@ def test_dumped_config_holds_only_the_optimizer_that_runs():
 
 
 def test_one_knob_sets_every_crop_size():
-    from internvit_fast.mmseg_runner import set_crop_size
+    from internvit_fast.mmseg import set_crop_size
     cfg = Config.fromfile(FULL)
     set_crop_size(cfg, 448)
     assert cfg.model.backbone.img_size == 448 and tuple(cfg.model.data_preprocessor.size) == (448, 448)

@@ -12,8 +12,8 @@ PIL = pytest.importorskip("PIL", reason="the segment command needs Pillow (the [
 pytest.importorskip("tqdm", reason="the segment command needs tqdm (the [segment] extra)")
 from PIL import Image  # noqa: E402
 
-from internvit_fast.ade20k import CLASSES, PALETTE  # noqa: E402
-from internvit_fast.segmentor import Segmentor  # noqa: E402
+from internvit_fast.segmentation.ade20k import CLASSES, PALETTE  # noqa: E402
+from internvit_fast.segmentation.segmentor import Segmentor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ def test_segment_bad_input_is_one_line_and_exit_2(tmp_path, images, checkpoint, 
 def test_read_image_is_what_mmcvs_loader_gives(tmp_path, monkeypatch):
     """Upright by EXIF orientation, 16-bit grey scaled to its high byte (as OpenCV reads it),
     and a picture over Pillow's pixel limit refused, as a decompression bomb."""
-    from internvit_fast.segment import read_image
+    from internvit_fast.cli.segment import read_image
     rng = np.random.default_rng(2)
     img = Image.fromarray(rng.integers(0, 256, (40, 80, 3), dtype=np.uint8))  # 80 wide, 40 high
     exif = img.getexif()
@@ -127,7 +127,7 @@ def test_read_image_is_what_mmcvs_loader_gives(tmp_path, monkeypatch):
 
 
 def test_overlay_blends_the_palette_and_names_the_classes(tmp_path):
-    from internvit_fast.segment import save_outputs
+    from internvit_fast.cli.segment import save_outputs
     image = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)
     labels = torch.zeros(30, 40, dtype=torch.int64)
     labels[:12] = 12  # 'person'
@@ -144,7 +144,7 @@ def test_overlay_blends_the_palette_and_names_the_classes(tmp_path):
 
 
 def test_output_names_never_collide_or_overwrite_inputs(tmp_path):
-    from internvit_fast.segment import _first_line, _stems
+    from internvit_fast.cli.segment import _first_line, _stems
     folder = tmp_path / "in"
     folder.mkdir()
     paths = [str(folder / n) for n in ("a-2.png", "a.jpg", "a.png", "A.png", "b.png", "b_labels.png")]
@@ -179,19 +179,19 @@ def test_library_calls_never_replace_the_process(monkeypatch, tmp_path):
     """main(argv) called from Python (argv given) must not re-execute the caller's process in
     the interpreter, whatever TRITON_INTERPRET says; only the command line (argv None) may."""
     import internvit_fast
-    from internvit_fast import __main__ as cli
-    from internvit_fast import fast_path
-    from internvit_fast import segment as seg
+    from internvit_fast import cli
+    from internvit_fast.cli import segment as seg
 
     class Reached(Exception):
         pass
 
-    def restart(module):
+    def restart(*a, **k):
         raise AssertionError("a library call would replace the caller's process")
 
     def reached(*a, **k):
         raise Reached
-    monkeypatch.setattr(fast_path, "restart_in_interpreter", restart)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else the restart is skipped: the check could not fail
+    monkeypatch.setattr(os, "execve", restart)
     monkeypatch.setattr(Segmentor, "build", reached)
     monkeypatch.setattr(internvit_fast, "InternViT6B", reached)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")

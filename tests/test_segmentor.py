@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import assert_parity
-from internvit_fast.presets import PRESETS
-from internvit_fast.segmentor import Segmentor, resized_size
+from internvit_fast.segmentation.presets import PRESETS
+from internvit_fast.segmentation.segmentor import Segmentor, resized_size
 
 SMALL = dict(PRESETS["small"])
 
@@ -162,7 +162,7 @@ def test_presets_heads_are_the_configs_heads():
     from mmengine.config import Config
     from mmseg.registry import MODELS
     import internvit_fast.mmseg  # noqa: F401
-    from internvit_fast.segmentor import HEADS
+    from internvit_fast.segmentation.segmentor import HEADS
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for config, name in (("upernet", "upernet_internvit6b_504_80k_ade20k_fast.py"),
                          ("linear", "linear_internvit6b_504_80k_ade20k_frozen_fast.py")):
@@ -183,7 +183,8 @@ def test_segmentor_checkpoint_resizes_the_position_table_and_takes_counters(tmp_
     """A segmentor file with a position table of another grid (pretrained at 224) is resized
     as for the backbone alone; BatchNorm counters load as int64 or int32; a file without
     the auxiliary head loads (inference never runs it); int tensors never enter float ones."""
-    from internvit_fast.checkpoint import CheckpointError, _resize_pos_embed
+    from internvit_fast.checkpoint import CheckpointError
+    from internvit_fast.checkpoint.loader import resize_pos_embed
     seg = _small()
     sd = seg.state_dict()
     big = torch.randn(1, 1 + 6 * 6, sd["backbone.pos_embed"].shape[-1])
@@ -193,7 +194,7 @@ def test_segmentor_checkpoint_resizes_the_position_table_and_takes_counters(tmp_
     torch.save({"state_dict": sd}, tmp_path / "seg.pth")
     other = _small()
     other.load_checkpoint(tmp_path / "seg.pth")
-    assert torch.equal(other.backbone.pos_embed, _resize_pos_embed(big, seg.backbone.pos_embed.shape))
+    assert torch.equal(other.backbone.pos_embed, resize_pos_embed(big, seg.backbone.pos_embed.shape))
     sd["decode_head.conv_seg.weight"] = sd["decode_head.conv_seg.weight"].long()
     torch.save({"state_dict": sd}, tmp_path / "int.pth")
     with pytest.raises(CheckpointError, match="decode_head.conv_seg.weight: has dtype torch.int64"):
@@ -214,7 +215,7 @@ def test_predict_labels_without_full_size_logits_equal_the_argmax():
 def test_upstreams_linear_probe_names_its_norm_norm(tmp_path):
     """Upstream's linear-probe checkpoints (its FCNHead with num_convs=0 and with_norm) keep
     BNHead's BatchNorm under decode_head.norm.*: they load into BNHead's bn."""
-    from internvit_fast.heads import BNHead
+    from internvit_fast.segmentation.heads import BNHead
     from internvit_fast.model import InternViT6B
     small = dict(SMALL, out_indices=[3], with_fpn=False)
     seg = Segmentor(InternViT6B(**small, dtype=torch.float32), BNHead(96, 96, 150), crop_size=(56, 56),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from internvit_fast.slide import slide_logits, window_boxes
+from internvit_fast.segmentation.slide import slide_logits, window_boxes
 
 
 def mmseg_slide(encode_decode, inputs, crop, stride, num_classes):

@@ -48,7 +48,8 @@ def test_cli_json_with_checkpoint_and_image(tmp_path):
 def test_cli_image_preprocessing_matches_upstream_normalisation(tmp_path):
     from PIL import Image
 
-    from internvit_fast.__main__ import MEAN, STD, load_image
+    from internvit_fast.cli.images import load_image
+    from internvit_fast.segmentation.segmentor import MEAN, STD
     Image.fromarray(torch.full((40, 80, 3), 200, dtype=torch.uint8).numpy()).save(tmp_path / "flat.png")
     x = load_image(str(tmp_path / "flat.png"), 28)
     assert x.shape == (3, 28, 28)
@@ -70,7 +71,7 @@ NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
 
 
 def test_compile_gate_passes_for_sm90_and_sm80():
-    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "80", "--json", "--block", env=NO_INTERP)
+    p = run("-m", "tools.gate", "--arch", "90", "80", "--json", "--block", env=NO_INTERP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = json.loads(p.stdout)
     builds = [r for r in records if r["target"] in ("sm_90", "sm_80")]
@@ -123,7 +124,7 @@ def test_compile_gate_passes_for_sm90_and_sm80():
 def test_gate_builds_the_tuners_candidates():
     """--candidates builds what the tuner would launch with each candidate, as the launcher
     plans it from a table holding it: two CTAs per SM and the flattened tile loop among them."""
-    p = run("-m", "internvit_fast.compile_check", "--arch", "90", "--candidates", "--json", "--kernels",
+    p = run("-m", "tools.gate", "--arch", "90", "--candidates", "--json", "--kernels",
             "linear_gelu", "linear_residual[proj]", env=NO_INTERP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = [r for r in json.loads(p.stdout) if r["target"] == "sm_90"]
@@ -143,7 +144,7 @@ def test_gate_builds_the_tuners_candidates():
 
 
 def test_cost_model_moves_the_way_the_builds_say():
-    from internvit_fast import costs
+    from tools import costs
     card = costs.CARDS["h100"]
     base = dict(m=5188, n=3200, k=3200, block_m=128, block_n=128, block_k=64, ctas_per_sm=1, warps=8, epilogue_instructions=300,
                 serial_waits=0, flatten=False, bytes_moved=0)
@@ -168,7 +169,7 @@ def test_block_floor_is_the_fast_path_with_ideal_gemms():
     """The floor equals the fast column when each fused GEMM is predicted at exactly cuBLAS's
     time, lies below it otherwise, and keeps the norms no tile can hold (QK-norm, the norms
     after proj and fc2) at their minimum bytes."""
-    from internvit_fast import costs
+    from tools import costs
     from internvit_fast.kernels.registry import main_shape
     s = main_shape()
     for name, card in costs.CARDS.items():
@@ -193,8 +194,8 @@ def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
     sm_90 the same way, every variant (function, flags, dtype, FMA contraction) is among the
     gate's builds."""
     from helpers import small_model
-    from internvit_fast import compile_check
-    from internvit_fast.kernels import REGISTRY, tuning
+    from tools import gate as compile_check
+    from internvit_fast.kernels import REGISTRY, launch
     from internvit_fast.kernels.launch import recording
     gate = {p.variant() for spec in REGISTRY for p in spec.plans(compile_check.target(90))}
     with recording() as plans:
@@ -211,7 +212,7 @@ def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
                 with torch.no_grad():
                     model(img)  # train mode: drop path
                     for impl in ("fused", "unfused"):  # what the tuned table may pick
-                        monkeypatch.setattr(tuning, "choice", lambda *a, impl=impl, **k: impl)
+                        monkeypatch.setattr(launch, "choice", lambda *a, impl=impl, **k: impl)
                         model.eval()(img)
                 monkeypatch.undo()
     launched = {p.variant() for p in plans}
@@ -223,7 +224,7 @@ def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
 GATE_SCRIPT = """if True:
     import sys
     import torch
-    import internvit_fast.compile_check as cc
+    import tools.gate as cc
     from internvit_fast.kernels import REGISTRY
     want = sys.argv[1]
     specs = {s.id: s for s in REGISTRY}
@@ -302,7 +303,7 @@ STREAM_K_MEETING = """if True:
     from triton.compiler import ASTSource
     sys.path.insert(0, "tests")
     from gate_mutations import partial_then_count
-    from internvit_fast.compile_check import stream_k_meeting
+    from tools.gate import stream_k_meeting
     for fence in (False, True):
         src = ASTSource(fn=partial_then_count, signature=dict(P="*fp32", COUNTERS="*i32", WORKSPACE="*fp32",
                         BLOCK="constexpr", FENCE="constexpr"), constexprs=dict(BLOCK=1024, FENCE=fence))
@@ -322,7 +323,7 @@ def test_stream_k_meeting_reader_sees_a_missing_barrier():
 
 
 def test_compile_gate_refuses_interpreted_kernels():
-    p = run("-m", "internvit_fast.compile_check", env={"TRITON_INTERPRET": "1"})
+    p = run("-m", "tools.gate", env={"TRITON_INTERPRET": "1"})
     assert p.returncode == 2 and "TRITON_INTERPRET" in p.stderr
 
 
@@ -431,8 +432,10 @@ def test_gpu_run_fallback_layout_runs_from_the_repository_root(tmp_path):
     import site
     import stat
     repo = tmp_path / "repo"
-    for d in ("internvit_fast", "kernels", "benchmarks"):
-        shutil.copytree(os.path.join(ROOT, d), repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("internvit_fast", "kernels", "benchmarks", "tools"):
+        # (internvit_fast/kernels: a link a developer's checkout may hold, as the script makes it)
+        shutil.copytree(os.path.join(ROOT, d), repo / d, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", *(["kernels"] if d == "internvit_fast" else [])))
     assert not (repo / "internvit_fast" / "kernels").exists()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -449,7 +452,7 @@ def test_gpu_run_fallback_layout_runs_from_the_repository_root(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "backbone-b4" in p.stdout
-    p = subprocess.run([str(wrapper), "-c", "import internvit_fast, internvit_fast.kernels.tuning as t; "
+    p = subprocess.run([str(wrapper), "-c", "import internvit_fast, internvit_fast.kernels.launch as t; "
                         "print(internvit_fast.__file__); print(t.TUNED_DIR)"], cwd=repo, env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -481,7 +484,7 @@ def test_cli_rejects_bad_options_like_argparse(args, message):
 SAME_BITS = """if True:
     import dataclasses, importlib.util, inspect, sys, tempfile, textwrap
     import numpy as np
-    import internvit_fast.compile_check as cc
+    import tools.gate as cc
     from internvit_fast.kernels import REGISTRY, gelu
     spec = next(s for s in REGISTRY if s.id == "gelu")
     src = "import triton\\nimport triton.language as tl\\n\\n" + "\\n\\n".join(
@@ -524,7 +527,7 @@ def test_same_bits_check_sees_a_gelu_that_rounds_differently():
 
 
 def test_same_bits_check_without_cudas_libdevice_fails_and_says_why():
-    p = run("-c", "import numpy as np; from internvit_fast import compile_check as cc; "
+    p = run("-c", "import numpy as np; from tools import gate as cc; "
             "from internvit_fast.kernels import REGISTRY; "
             "(r,) = cc.same_bits(next(s for s in REGISTRY if s.id == 'gelu'), 90, np.random.default_rng()); "
             "print(r['failures'])", env=dict(NO_INTERP, INTERNVIT_FAST_LIBDEVICE="/nonexistent/libdevice.10.bc"))
@@ -538,7 +541,7 @@ def test_ptx_eval_runs_libdevice_erf_and_rounds_once():
     import math
     from fractions import Fraction
     import numpy as np
-    from internvit_fast import ptx_eval
+    from tools import ptx_eval
     rng = np.random.default_rng()
     a, b, c = (rng.standard_normal(20000).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, 20000)
                .astype(np.float32) for _ in range(3))
@@ -559,7 +562,7 @@ def test_ptx_eval_runs_libdevice_erf_and_rounds_once():
         r = ptx_eval._fma(*(np.array([v], dtype=np.float32) for v in (x, y, z)))
         assert int(r.view(np.uint32)[0]) == bits, ((x, y, z), hex(int(r.view(np.uint32)[0])), hex(bits))
     p = run("-c", "import numpy as np, sys; sys.path.insert(0, 'tests');"
-            "from internvit_fast import compile_check as cc, ptx_eval; from gate_mutations import libdevice_erf;"
+            "from tools import gate as cc, ptx_eval; from gate_mutations import libdevice_erf;"
             "x = np.random.default_rng().uniform(-6, 6, 4000).astype(np.float32);"
             "y = ptx_eval.evaluate(cc._probe_ptx(libdevice_erf, 90), x);"
             "print(repr(x.tolist())); print(repr(y.tolist()))", env=NO_INTERP)

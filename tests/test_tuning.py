@@ -3,8 +3,8 @@ where the launchers read, and the compile gate building what a table names."""
 import pytest
 import torch
 
-from internvit_fast.kernels import REGISTRY, tuning
-from internvit_fast.kernels._common import row_launch
+from internvit_fast.kernels import REGISTRY, launch
+from internvit_fast.kernels.common import row_launch
 from internvit_fast.kernels.launch import Target, lookup, table_key
 from internvit_fast.kernels.registry import Shape, run
 
@@ -37,10 +37,10 @@ def test_lookup_takes_nearest_rows_and_exact_rest():
 
 
 def test_choice_follows_the_nearest_measured_shape():
-    assert tuning.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.bfloat16) == "unfused"
-    assert tuning.choice("linear_gelu", SM90, M=9000, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
-    assert tuning.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.float16) == "fused"
-    assert tuning.choice("linear_residual", SM90, M=1297, N=3200, K=3200, dtype=torch.bfloat16) == "fused"
+    assert launch.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.bfloat16) == "unfused"
+    assert launch.choice("linear_gelu", SM90, M=9000, N=12800, K=3200, dtype=torch.bfloat16) == "fused"
+    assert launch.choice("linear_gelu", SM90, M=1297, N=12800, K=3200, dtype=torch.float16) == "fused"
+    assert launch.choice("linear_residual", SM90, M=1297, N=3200, K=3200, dtype=torch.bfloat16) == "fused"
 
 
 def test_no_table_means_heuristics():
@@ -78,7 +78,7 @@ def test_compile_gate_builds_the_configurations_a_table_names():
 def test_tuned_dir_is_the_repositorys():
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert os.path.samefile(tuning.TUNED_DIR, os.path.join(root, "kernels", "tuned"))
+    assert os.path.samefile(launch.TUNED_DIR, os.path.join(root, "kernels", "tuned"))
 
 
 def test_the_tuner_never_picks_an_alternative_that_fails(tmp_path, monkeypatch):
@@ -104,7 +104,7 @@ def test_the_tuner_never_picks_an_alternative_that_fails(tmp_path, monkeypatch):
 
 def test_the_tuner_takes_inference_gemms_first_and_training_last():
     from benchmarks.tune import order
-    from internvit_fast import costs
+    from tools import costs
     ids = [s.id for s in order(REGISTRY, Shape(1297 * 4))]
     training = [s.id for s in REGISTRY if s.training]
     gemms = [s.id for s in REGISTRY if not s.training and costs.counts(s.id, Shape(1297 * 4))[2] > 0]

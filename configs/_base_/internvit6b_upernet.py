@@ -122,5 +122,5 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
 # BatchNorm statistics averaged over the processes after every iteration, so validation, test
-# and the saved checkpoint agree (SyncBN's are the same everywhere already; see mmseg_runner).
+# and the saved checkpoint agree (SyncBN's are the same everywhere already; see internvit_fast/mmseg/wrappers.py).
 custom_hooks = [dict(type='SyncNormStatsHook')]

@@ -1,6 +1,6 @@
 """Compile gate: build every kernel configuration the fast path can launch, for sm_90 and sm_80.
 
-    python -m internvit_fast.compile_check [--arch 90 80] [--json]
+    python -m tools.gate [--arch 90 80] [--json]
 
 No GPU is needed: Triton compiles ahead of time for a named target, and the wheel's
 cuobjdump and nvdisasm read each cubin. The builds are the launch plans the launchers
@@ -46,13 +46,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import costs, ptx_eval
-from .kernels import REGISTRY
-from .kernels._common import INTERPRETING
-from .kernels.gemm import EPILOGUES
-from .kernels.launch import LaunchPlan, Meta, Target
-from .kernels.registry import KernelSpec, main_shape
-from .kernels.tuning import table
+from tools import costs, ptx_eval
+from internvit_fast.kernels import REGISTRY
+from internvit_fast.kernels.common import INTERPRETING
+from internvit_fast.kernels.gemm import EPILOGUES
+from internvit_fast.kernels.launch import LaunchPlan, Meta, Target
+from internvit_fast.kernels.registry import KernelSpec, main_shape
+from internvit_fast.kernels.launch import table
 
 # The cards the gate builds for: Hopper (H100/H200: 132 SMs) and the A100 (108).
 TARGETS = {90: ("sm90", 132), 80: ("sm80", 108)}
@@ -468,7 +468,7 @@ def print_block(moved: List[dict], out=sys.stdout) -> int:
     pred = {t["kernel"]: t["predicted_us"] for t in moved if "predicted_us" in t}
     need = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
     if any(k not in pred for k in need):
-        print("compile_check --block: needs the sm_90 builds of " + ", ".join(need), file=sys.stderr)
+        print("tools.gate --block: needs the sm_90 builds of " + ", ".join(need), file=sys.stderr)
         return 2
     table = costs.block_table(pred, main_shape())
     for card, paths in table.items():
@@ -530,7 +530,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", nargs="+", metavar="ID", help="only these registry kernels (e.g. linear_gelu)")
     args = ap.parse_args(argv)
     if INTERPRETING:  # the kernels were built for the interpreter: nothing to compile
-        print("compile_check: TRITON_INTERPRET=1 is set; run it without the interpreter", file=sys.stderr)
+        print("tools.gate: TRITON_INTERPRET=1 is set; run it without the interpreter", file=sys.stderr)
         return 2
     kernels = REGISTRY
     if args.kernels:

@@ -334,7 +334,7 @@ def _placeholder_for(name: str) -> type:
     return type("Placeholder", (Placeholder,), {"name": name, "__module__": __name__, "__slots__": ()})
 
 
-class _Slice(io.RawIOBase):
+class FileSlice(io.RawIOBase):
     """Bytes [start, start + length) of a file, as a file (a DCP chunk is a torch.save zip)."""
 
     def __init__(self, f, start: int, length: int):
@@ -433,11 +433,11 @@ def load_torch_file(path: str, trusted: Optional[Mapping[str, object]] = None, m
 
 def load_torch_bytes(data: bytes) -> torch.Tensor:
     """One tensor saved with torch.save, from bytes (a DCP chunk), scanned first."""
-    check_torch_zip(io.BytesIO(data), lambda name: name in _tensor_globals())
+    check_torch_zip(io.BytesIO(data), lambda name: name in tensor_globals())
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _tensor_globals() -> set:
+def tensor_globals() -> set:
     from torch import _weights_only_unpickler as wo
     return set(wo._get_allowed_globals())
 

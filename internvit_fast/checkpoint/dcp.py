@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import safe_pickle
-from .checkpoint import CheckpointError, _inside, _ints, regular_file
+from .base import CheckpointError, inside, ints, regular_file
 
 RUNNER_STATE = "runner_state.pth"
 MAX_METADATA_BYTES = 1 << 28  # a 6B model's FSDP metadata with optimizer state is a few MB
@@ -109,8 +109,8 @@ def _index(folder: str, meta, meta_path: str):
         if field(info, "transform_descriptors", "_StorageInfo"):
             raise CheckpointError(f"{where}: stored with transforms {safe_pickle.brief(field(info, 'transform_descriptors'))}, "
                                   "which this reader does not apply")
-        path = _inside(folder, field(info, "relative_path"), meta_path)
-        start, length = _ints((field(info, "offset"), field(info, "length")), "byte range", where)
+        path = inside(folder, field(info, "relative_path"), meta_path)
+        start, length = ints((field(info, "offset"), field(info, "length")), "byte range", where)
         if path not in file_sizes:
             if not os.path.lexists(path):
                 raise CheckpointError(f"{meta_path}: shard file {os.path.basename(path)} is missing")
@@ -118,7 +118,7 @@ def _index(folder: str, meta, meta_path: str):
         if start + length > file_sizes[path]:
             raise CheckpointError(f"{path}: too short for {safe_pickle.brief(fqn)} (bytes {start}..{start + length} of "
                                   f"{file_sizes[path]}): a truncated shard")
-        key = (fqn, None if offsets is None else _ints(offsets, "chunk offset", where))
+        key = (fqn, None if offsets is None else ints(offsets, "chunk offset", where))
         places[key] = (path, start, length)
     out: Dict[str, StoredTensor] = {}
     skipped = []
@@ -133,11 +133,11 @@ def _index(folder: str, meta, meta_path: str):
         dtype = (field(props, "state", "TensorProperties") or (None,))[0] or field(props, "dtype")
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{where}: no tensor dtype in its metadata")
-        size = _ints(field(md, "size"), "size", where)
+        size = ints(field(md, "size"), "size", where)
         layout = []
         for chunk in field(md, "chunks") or ():
-            offs = _ints(field(chunk, "offsets", "ChunkStorageMetadata"), "chunk offsets", where)
-            sizes = _ints(field(chunk, "sizes"), "chunk sizes", where)
+            offs = ints(field(chunk, "offsets", "ChunkStorageMetadata"), "chunk offsets", where)
+            sizes = ints(field(chunk, "sizes"), "chunk sizes", where)
             if len(offs) != len(size) or len(sizes) != len(size) or \
                     any(o + n > s for o, n, s in zip(offs, sizes, size)):
                 raise CheckpointError(f"{where}: chunk at {offs} of size {sizes} lies outside {size}")
@@ -161,8 +161,8 @@ def _check_chunk(c: Chunk, dtype: torch.dtype, where: str) -> None:
     before anything is read or copied: its zip structure and pickle are checked, not its data."""
     try:
         with open(c.path, "rb") as f:
-            res = safe_pickle.check_torch_zip(safe_pickle._Slice(f, c.start, c.length),
-                                              lambda name: name in safe_pickle._tensor_globals())
+            res = safe_pickle.check_torch_zip(safe_pickle.FileSlice(f, c.start, c.length),
+                                              lambda name: name in safe_pickle.tensor_globals())
     except safe_pickle.UnsafeFileError as e:
         raise CheckpointError(f"{where}: the chunk at {c.offsets} is not a saved tensor ({e})") from None
     if len(res.tensors) != 1 or res.tensors[0].dtype != dtype or res.tensors[0].size != c.sizes:

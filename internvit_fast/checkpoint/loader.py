@@ -1,244 +1,31 @@
-"""Checkpoint loading: file formats, key layouts and shape surgery, kept out of forward.
-
-Accepted files:
-- torch files (.pth/.pt/.bin): a bare state dict, or one wrapped under 'module', 'model'
-  or 'state_dict' (mmengine/MMSegmentation checkpoints with their 'meta', 'message_hub'
-  and optimizer state too). Read by torch's weights-only unpickler; objects it does not
-  build (mmengine's HistoryBuffer, numpy scalars) become inert placeholders, logged
-  (``safe_pickle``), so no code from the file runs. Unrestricted unpickling is never used,
-  and legacy (non-zip) files are read weights-only;
-- .safetensors files (read with the ``safetensors`` package, tensor by tensor);
-- sharded sets as transformers writes them: ``*.safetensors.index.json`` or
-  ``pytorch_model.bin.index.json`` with their shards, or the folder holding one of these
-  (or a single .safetensors / .bin file);
-- a folder written by torch.distributed.checkpoint (FSDP training's sharded checkpoints,
-  ``.metadata`` plus one file per process), read whole in one process by this module's own
-  reader: the metadata through a restricted unpickler, each tensor chunk weights-only,
-  non-tensor entries skipped with a log line.
-
-Key layouts: upstream's segmentation backbone keys, the InternViT layout published with
-InternVL (``embeddings.*``, ``encoder.layers.N.*``), each under any prefix that is the
-structure of the file: ``module.`` (DDP), ``backbone.`` (an mmseg segmentor: only its
-backbone is taken), ``vision_model.`` (an InternVL chat model), or nested ones. The
-prefix is the one under which the most keys match the model, and the choice is logged.
+"""Loading a checkpoint into a model: key layouts, shape surgery, checks, the copy.
 
 Nothing is copied before every check has passed: keys (strict), shapes (after the
 position table and patch kernel are resized, as upstream does at load), and that every
 tensor is a plain, dense floating-point CPU tensor with data (not meta, sparse, quantized
-or a tensor subclass).
-Tensors are then read, converted on the CPU and copied into the model one at a time, so
-a checkpoint never sits in memory twice.
+or a tensor subclass). Tensors are then read, converted on the CPU and copied into the
+model one at a time, so a checkpoint never sits in memory twice.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import stat
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import safe_pickle
-from .posembed import resize_pos_table
+from ..posembed import resize_pos_table
+from .base import CheckpointError, Entry, LazyTensor, materialize
+from .files import read_state_dict
+from .fp8 import expand_checkpoint
 
 logger = logging.getLogger("internvit_fast")
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-}
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FPN_PREFIXES = ("up1.", "up2.", "up3.", "up4.")  # the segmentation FPN: in no pretrained ViT file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is: the message names the file or key."""
-
-
-class LazyTensor:
-    """A tensor in a checkpoint file whose shape and dtype are known before it is read."""
-
-    def __init__(self, shape, dtype: torch.dtype, read, where: str):
-        self.shape, self.dtype, self._read, self.where = torch.Size(shape), dtype, read, where
-
-    def load(self) -> torch.Tensor:
-        try:
-            return self._read()
-        except Exception as e:  # noqa: BLE001 - an I/O or format error while reading
-            raise CheckpointError(f"{self.where}: cannot read tensor ({type(e).__name__}: {e})") from None
-
-
-Entry = Union[torch.Tensor, LazyTensor]
-
-
-def materialize(v: Entry) -> torch.Tensor:
-    return v.load() if isinstance(v, LazyTensor) else v
-
-
-# --- reading files ----------------------------------------------------------------------
-
-def read_safetensors(path: str) -> Dict[str, LazyTensor]:
-    """The tensors of one .safetensors file, each read on demand (safetensors memory-maps)."""
-    from safetensors import safe_open
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-        out = {}
-        for name in handle.keys():
-            sl = handle.get_slice(name)
-            dtype = _ST_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, which is not supported")
-            out[name] = LazyTensor(sl.get_shape(), dtype, lambda n=name: handle.get_tensor(n), f"{path}: {name}")
-        return out
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a corrupt or truncated file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _read_torch(path: str, trusted=None) -> Mapping:
-    """A torch.save file, read by torch's weights-only unpickler; objects that are not tensor
-    data (mmengine's, numpy's) become inert placeholders, logged (safe_pickle)."""
-    try:
-        try:
-            obj, skipped = safe_pickle.load_torch_file(path, trusted)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj, skipped = safe_pickle.load_torch_file(path, trusted, mmap=False)  # an old zip layout
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise _unreadable(path, e) from None
-    if skipped:
-        logger.info("%s: skipped pickled objects that are not tensors or containers: %s", path, skipped)
-    return obj
-
-
-def _unreadable(path: str, e: BaseException) -> "CheckpointError":
-    return CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:300]})")
-
-
-def _unwrap(sd, path: str) -> Dict[str, torch.Tensor]:
-    for key in ("module", "model", "state_dict"):
-        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-            sd = sd[key]
-            break
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {safe_pickle.brief(bad[:10])}")
-    return dict(sd)
-
-
-def _read_file(path: str) -> Dict[str, Entry]:
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    return _unwrap(_read_torch(path), path)
-
-
-def _read_index(index_path: str) -> Dict[str, Entry]:
-    """A sharded set: the index json's weight_map names each tensor's shard file."""
-    regular_file(index_path, index_path, max_bytes=64 << 20)
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to shard file names")
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not a sharded checkpoint index ({e})") from None
-    folder = os.path.dirname(index_path)
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = _inside(folder, shard, index_path)
-        if not os.path.exists(shard_path):
-            raise CheckpointError(f"{index_path}: shard {shard} is missing")
-        regular_file(shard_path, index_path, folder)
-        tensors = _read_file(shard_path)
-        expected = {k for k, v in weight_map.items() if v == shard}
-        missing = sorted(expected - set(tensors))
-        if missing:
-            raise CheckpointError(f"{shard_path}: lacks tensors its index lists: {missing[:10]}")
-        out.update({k: tensors[k] for k in expected})
-    return out
-
-
-def _inside(folder: str, name: str, where: str) -> str:
-    """``folder/name`` for a file name an index or metadata file gives, refused unless it is
-    a plain name inside ``folder`` (no ``..``, no absolute path, no link out of it)."""
-    bad = (not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name
-           or any(part in ("..", "") for part in re.split(r"[\\/]", name)))
-    path = os.path.join(folder, name) if not bad else ""
-    real_folder = os.path.realpath(folder or ".")
-    if bad or os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
-        raise CheckpointError(f"{where}: names a file outside its folder: {safe_pickle.brief(name)}")
-    return path
-
-
-def regular_file(path: str, where: str, folder: Optional[str] = None, max_bytes: Optional[int] = None) -> str:
-    """``path`` if it is a regular file (not a FIFO, device or folder: opening those can block
-    or never end), inside ``folder`` when one is given (links included), and at most
-    ``max_bytes`` long; else a CheckpointError."""
-    if folder is not None:
-        _inside(folder, os.path.relpath(path, folder), where)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read {path} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{where}: {path} is not a regular file")
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise CheckpointError(f"{where}: {path} is {st.st_size} bytes, more than such a file ever needs")
-    return path
-
-
-def _read_distributed(folder: str) -> Dict[str, Entry]:
-    """A sharded checkpoint written by torch.distributed.checkpoint (one file per process),
-    e.g. by ``internvit_fast.mmseg.ShardedCheckpointHook``, read whole in one process by
-    this package's own reader (``dcp.py``: restricted metadata unpickling, chunks read
-    weights-only, every chunk checked before anything is read); entries that are not
-    tensors are left out with a log line."""
-    from . import dcp
-    stored, skipped = dcp.read_index(folder)
-    if skipped:
-        logger.info("%s: skipped %d entries that are not tensors: %s", folder, len(skipped), skipped[:10])
-    return {k: LazyTensor(t.size, t.dtype, t.read, f"{folder}: {k}") for k, t in stored.items()}
-
-
-def _ints(v, what: str, where: str) -> Tuple[int, ...]:
-    if not isinstance(v, (tuple, list)) or not all(type(i) is int and i >= 0 for i in v):
-        raise CheckpointError(f"{where}: {what} is not a list of non-negative integers: {safe_pickle.brief(v)}")
-    return tuple(v)
-
-
-_WEIGHTS = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def read_state_dict(path) -> Dict[str, Entry]:
-    """Read any supported file, sharded set or folder into a flat name -> tensor dict."""
-    path = os.fspath(path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, ".metadata")):
-        return _read_distributed(path)
-    if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        index = [f for f in names if f.endswith((".safetensors.index.json", ".bin.index.json"))]
-        single = [f for f in names if f.endswith(_WEIGHTS)]
-        if len(index) == 1:
-            return _read_index(regular_file(os.path.join(path, index[0]), path, path))
-        if not index and len(single) == 1:
-            return _read_file(regular_file(os.path.join(path, single[0]), path, path))
-        raise CheckpointError(f"{path}: expected one *.index.json or one weights file ({', '.join(_WEIGHTS)}) "
-                              f"in the folder, found {index + single}")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    regular_file(path, path)
-    if path.endswith(".json"):
-        return _read_index(path)
-    return _read_file(path)
 
 
 # --- key layouts --------------------------------------------------------------------------
@@ -255,14 +42,14 @@ _INTERNVL_KEYS = [
 def _internvl_to_upstream(sd: Dict[str, Entry]) -> Dict[str, Entry]:
     if not any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):
         return sd
-    return {_upstream_name(k): v for k, v in sd.items()}
+    return {upstream_name(k): v for k, v in sd.items()}
 
 
 def _under(sd: Dict[str, Entry], prefix: str) -> Dict[str, Entry]:
     return _internvl_to_upstream({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
 
 
-def _upstream_name(key: str) -> str:
+def upstream_name(key: str) -> str:
     for pattern, repl in _INTERNVL_KEYS:
         if pattern.match(key):
             return pattern.sub(repl, key)
@@ -285,7 +72,7 @@ def to_upstream_keys(sd: Dict[str, Entry], model_keys, own_shapes: Optional[Mapp
         parts = k.split(".")
         for i in range(min(len(parts) - 1, 2) + 1):
             prefix = ".".join(parts[:i]) + "." if i else ""
-            hit = _upstream_name(".".join(parts[i:])) in own
+            hit = upstream_name(".".join(parts[i:])) in own
             matches[prefix] = matches.get(prefix, 0) + hit
     best = max(matches.values())
     prefix = min((p for p, n in matches.items() if n == best), key=lambda p: (len(p), p)) if best else ""
@@ -303,7 +90,7 @@ def to_upstream_keys(sd: Dict[str, Entry], model_keys, own_shapes: Optional[Mapp
 
 # --- shape surgery ------------------------------------------------------------------------
 
-def _resize_pos_embed(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
+def resize_pos_embed(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != want[2]:
@@ -322,7 +109,7 @@ def _resize_patch_kernel(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
     return F.interpolate(t.float(), size=tuple(want[2:]), mode="bicubic", align_corners=False).to(t.dtype)
 
 
-_RESIZERS = {"pos_embed": _resize_pos_embed, "patch_embed.proj.weight": _resize_patch_kernel}
+_RESIZERS = {"pos_embed": resize_pos_embed, "patch_embed.proj.weight": _resize_patch_kernel}
 # A table or kernel resized at load is read whole first: one far larger than the model's
 # (a 1344px table into a 224px model is 36x) is a file's way to make a load allocate memory.
 MAX_RESIZE_RATIO = 64
@@ -338,7 +125,7 @@ def _numel(shape) -> int:
 _COUNTS = (torch.int64, torch.int32)  # integer buffers: BatchNorm's num_batches_tracked (a Segmentor's heads)
 
 
-def _check_tensor(k: str, v: Entry, into: Optional[torch.dtype] = None) -> None:
+def check_tensor(k: str, v: Entry, into: Optional[torch.dtype] = None) -> None:
     """Raise for anything the copy could not take: checked for every tensor before the first
     copy. ``into``: the model's dtype there; an integer tensor loads only into an integer one."""
     if isinstance(v, LazyTensor):
@@ -378,7 +165,7 @@ def adapt_state_dict(sd: Dict[str, Entry], model: nn.Module) -> Dict[str, Entry]
         if k not in own:
             out[k] = v
             continue
-        _check_tensor(k, v, own[k].dtype)
+        check_tensor(k, v, own[k].dtype)
         if v.shape != own[k].shape:
             resize = _RESIZERS.get(k[len("backbone."):] if k.startswith("backbone.") else k)  # a Segmentor's
             if resize is None:
@@ -425,7 +212,6 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Seque
                 sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
         sd = adapt_state_dict(sd, model)
         if any(t.dtype == torch.float8_e4m3fn for t in own.values()):  # precision="fp8": quantized as copied
-            from .fp8 import expand_checkpoint
             try:
                 sd = expand_checkpoint(sd, own, lambda shape, dtype, read: LazyTensor(shape, dtype, read, where))
             except ValueError as e:

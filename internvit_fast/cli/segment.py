@@ -1,8 +1,8 @@
-"""``python -m internvit_fast segment``: masks for images, without MMSegmentation.
+"""``internvit-fast segment``: masks for images, without MMSegmentation.
 
-    python -m internvit_fast segment [--checkpoint CKPT] [--config upernet|linear|small]
-                                     IMAGES_OR_DIRS... --out DIR [--batch-windows N]
-                                     [--fast | --no-fast] [--cuda-graphs] [--json]
+    internvit-fast segment [--checkpoint CKPT] [--config upernet|linear|small]
+                           IMAGES_OR_DIRS... --out DIR [--batch-windows N]
+                           [--fast | --no-fast] [--cuda-graphs] [--json]
 
 For each image: ``<name>_labels.png`` (class ids as an indexed PNG in ADE20K's palette) and
 ``<name>_overlay.png`` (the image blended with the coloured mask, and a legend of the
@@ -16,20 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
 import time
-import warnings
 from typing import List, Optional
 
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from .images import IMAGE_EXTENSIONS, read_image, regular
+from .interpreter import restart_in_interpreter
+
 LEGEND_ROWS = 12  # the legend names the classes covering the most pixels
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m internvit_fast segment",
+    ap = argparse.ArgumentParser(prog="internvit-fast segment",
                                  description="Segment images with InternViT-6B and its head (ADE20K's 150 classes).")
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
     ap.add_argument("--out", required=True, help="folder for the label and overlay PNGs (created)")
@@ -60,13 +60,13 @@ def parse(argv=None):
     for path in args.inputs:
         if os.path.isdir(path):
             found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-            found = [f for f in found if _regular(f)]  # not FIFOs, devices or folders: reading those can block
+            found = [f for f in found if regular(f)]  # not FIFOs, devices or folders: reading those can block
             if not found:
                 fail(ap, f"{show(path)}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
             args.images += found
         elif not os.path.lexists(path):
             fail(ap, f"{show(path)}: no such file or folder")
-        elif not _regular(path):
+        elif not regular(path):
             fail(ap, f"{show(path)}: not a regular file (a FIFO, device or broken link would block or fail)")
         else:
             args.images.append(path)
@@ -90,34 +90,9 @@ def show(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
-
-
-def read_image(path: str) -> torch.Tensor:
-    """(3, H, W) uint8 RGB, as mmcv's OpenCV loader gives it to mmseg: turned upright by its
-    EXIF orientation, 16-bit samples scaled to 8 (the high byte). Pillow only decodes; a
-    picture of more than Pillow's pixel limit (a decompression bomb) is refused."""
-    import numpy as np
-    from PIL import Image, ImageOps
-    if not _regular(path):  # checked again: it may have changed since the arguments were read
-        raise ValueError("not a regular file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: Pillow would clamp, not scale
-                img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-            rgb = img.convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
 def _create(path: str):
@@ -139,7 +114,7 @@ def save_outputs(image: torch.Tensor, labels: torch.Tensor, stem: str, out: str)
     their pixel shares, largest first."""
     from PIL import Image, ImageDraw
 
-    from .ade20k import CLASSES, PALETTE
+    from ..segmentation.ade20k import CLASSES, PALETTE
     ids = labels.to(torch.uint8).cpu().numpy()
     lab = Image.fromarray(ids, mode="P")
     lab.putpalette([c for rgb in PALETTE for c in rgb])
@@ -191,18 +166,17 @@ def _stems(paths: List[str], out: str) -> List[str]:
     return stems
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap, args = parse(sys.argv[2:] if argv is None else argv)
-    if argv is None and args.fast and args.device.type == "cpu":  # python -m internvit_fast segment ...
-        from .fast_path import restart_in_interpreter
-        restart_in_interpreter("internvit_fast")
+def main(argv: Optional[List[str]] = None, command_line: bool = False) -> int:
+    ap, args = parse(argv)
+    if command_line and args.fast and args.device.type == "cpu":
+        restart_in_interpreter()
     try:
         from PIL import Image  # noqa: F401
         from tqdm import tqdm
     except ImportError as e:
         ap.exit(2, f"{ap.prog}: error: needs Pillow and tqdm (pip install 'internvit-fast[segment]'): {e}\n")
-    from .checkpoint import CheckpointError
-    from .segmentor import Segmentor
+    from ..checkpoint import CheckpointError
+    from ..segmentation.segmentor import Segmentor
 
     with torch.device(args.device):
         torch.manual_seed(0)

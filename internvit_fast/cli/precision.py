@@ -1,4 +1,4 @@
-"""python -m internvit_fast.precision_check: what precision="fp8" changes in the features.
+"""internvit-fast precision: what precision="fp8" changes in the features.
 
 Runs the backbone in bf16, then the same weights converted to FP8 (``model.precision =
 "fp8"``), on the same inputs (the images of ``--images DIR``, resized to the model's size
@@ -13,26 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import List
 
 import torch
 
-from .presets import PRESETS
+from ..segmentation.presets import PRESETS
+from .images import IMAGE_EXTENSIONS, load_image, regular
+from .interpreter import restart_in_interpreter
 
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _inputs(args, size: int) -> torch.Tensor:
     if not args.images:
         torch.manual_seed(0)
         return torch.randn(args.batch, 3, size, size)
-    from .__main__ import load_image
     if not os.path.isdir(args.images):
         raise SystemExit(f"--images {args.images}: not a folder")
-    names = sorted(n for n in os.listdir(args.images) if n.lower().endswith(_IMAGE_EXT))[: args.batch]
+    names = sorted(n for n in os.listdir(args.images)
+                   if n.lower().endswith(IMAGE_EXTENSIONS) and regular(os.path.join(args.images, n)))[: args.batch]
     if not names:
-        raise SystemExit(f"--images {args.images}: no images ({', '.join(_IMAGE_EXT)}) in it")
+        raise SystemExit(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
     return torch.cat([load_image(os.path.join(args.images, n), size) for n in names])
 
 
@@ -47,8 +47,8 @@ def compare(got: List[torch.Tensor], ref: List[torch.Tensor]) -> List[dict]:
             for g, r in zip(got, ref)]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m internvit_fast.precision_check", description=__doc__.splitlines()[0])
+def main(argv=None, command_line: bool = False) -> int:
+    ap = argparse.ArgumentParser(prog="internvit-fast precision", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="weights to load (default: random weights)")
     ap.add_argument("--images", help="a folder of images to run (default: random pixels)")
     ap.add_argument("--config", choices=sorted(PRESETS), help="default: upernet on a GPU, small on a CPU")
@@ -61,13 +61,12 @@ def main(argv=None) -> int:
     if args.batch < 1:
         ap.error("--batch must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if argv is None and device.type == "cpu":  # the command line: the kernels in the interpreter
-        from .fast_path import restart_in_interpreter
-        restart_in_interpreter("internvit_fast.precision_check")
+    if command_line and device.type == "cpu":  # the command line: the kernels in the interpreter
+        restart_in_interpreter()
     config = args.config or ("upernet" if device.type == "cuda" else "small")
     cfg = dict(PRESETS[config], with_fpn=False)  # the ViT's own features
-    from . import InternViT6B
-    from .kernels import kernels_can_run_on
+    from .. import InternViT6B
+    from ..kernels import kernels_can_run_on
     fast = kernels_can_run_on(device)
     model = InternViT6B(**cfg, with_cp=False, fast=fast, pretrained=args.checkpoint).to(device).eval()
     x = _inputs(args, cfg["img_size"])
@@ -103,6 +102,3 @@ def main(argv=None) -> int:
                                                   for c in cols))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import triton
 
-from .kernels.gemm import cuts_tiles
-from .kernels.registry import Shape
+from internvit_fast.kernels.gemm import cuts_tiles
+from internvit_fast.kernels.registry import Shape
 
 
 def _gemm_dims(spec_id: str, s: Shape) -> Tuple[int, int]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .heads import BNHead, FCNHead, UPerHead
-from .model import InternViT6B
+from ..model import InternViT6B
 from .presets import PRESETS
 from .slide import slide_logits
 
@@ -138,7 +138,7 @@ class Segmentor(nn.Module):
     def load_checkpoint(self, path, strict: bool = True):
         """A segmentor checkpoint (mmseg's or mmengine's runner's: backbone.*, decode_head.*,
         auxiliary_head.*) through the package's safe loader; see checkpoint.load_checkpoint."""
-        from .checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         # A file without the auxiliary head (saved for inference, or of a recipe without one)
         # loads: inference never runs it. Upstream's linear probe is its own FCNHead with
         # num_convs=0 and with_norm, which names BNHead's norm `norm`.
