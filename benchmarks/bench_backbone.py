@@ -103,6 +103,7 @@ def _forward_fn(config: str, path: str, example: torch.Tensor, model: InternViT6
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, batch, path", harness.params(
     CASES, ["-".join((c, f"b{b}", p)) for c, b, p in CASES], group=lambda c, b, p: f"backbone {c} b{b}",
     kind="forward"))
@@ -216,6 +217,7 @@ TRAIN_PATHS = ["reference", "fast", "compile-default"]
 TRAIN_BATCH = 2 if harness.CUDA else 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", harness.params([(p,) for p in TRAIN_PATHS], TRAIN_PATHS,
                                                 group=lambda p: f"training {MAIN} b{TRAIN_BATCH}", kind="slow"))
 def test_training_step(bench, path):

@@ -55,6 +55,7 @@ def segmentor_for(config: str, batched: bool) -> Segmentor:
                      channels_last=batched)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size, path", harness.params(
     CASES, [f"{h}x{w}-{p}" for (h, w), p in CASES], group=lambda size, p: f"slide {size[0]}x{size[1]}", kind="slow"))
 def test_slide_inference(bench, size, path):

@@ -110,6 +110,7 @@ def test_training_through_the_kernels_gives_the_reference_gradients_fp32(device,
         assert_parity(got[name], exact[name], want[name], atol=1e-5 * scale + 1e-8, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["plain", "cp", "variants"])
 def test_training_gradients_low_precision_by_the_parity_rule(device, dtype, case):
@@ -202,6 +203,7 @@ def test_fast_on_cpu_without_interpreter_warns_once_and_runs_reference(monkeypat
             assert torch.equal(x, y)
 
 
+@pytest.mark.slow
 def test_fast_model_compiles_without_graph_breaks(device):
     _, fast, _ = _pair(torch.bfloat16, out_indices=[1, 3])
     fast.to(device)
@@ -244,6 +246,7 @@ def test_bf16_model_under_bf16_autocast_runs_the_kernels(device, monkeypatch):
         assert_parity(g, e, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fast_model_trains_under_torch_compile_without_graph_breaks(device):
     naive, fast, _ = _pair(torch.float32, out_indices=[1, 3], drop_path_rate=0.3, with_cp=True)
     fast.to(device).train()

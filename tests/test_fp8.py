@@ -245,6 +245,7 @@ def _fp8_copy(m: InternViT6B, **kw) -> InternViT6B:
     return new
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_fast_fp8_path_computes_the_reference_fp8_model(device, dtype):
     """The kernels (quantize, FP8 GEMMs with their epilogues) against Fp8Linear's plain torch,
@@ -269,6 +270,7 @@ def test_fast_fp8_path_computes_the_reference_fp8_model(device, dtype):
         assert ((g - e).norm() / (r - e).norm()).item() < 1.1  # and is no further from float64
 
 
+@pytest.mark.slow
 def test_drop_path_in_train_mode_runs_on_both_fp8_paths(device):
     """A frozen ViT in train mode (freeze_vit: the FPN trains, no gradient enters the blocks)
     still draws drop path's row scales: the fast path runs the FP8 GEMM, then the residual
@@ -427,6 +429,7 @@ def test_fp8_state_dict_round_trips_and_stays_out_of_bf16_models(tmp_path):
         load_checkpoint(InternViT6B(**CFG, precision="fp8"), tmp_path / "fp8.pth")
 
 
+@pytest.mark.slow
 def test_precision_check_prints_the_table(capsys, monkeypatch):
     import json
 
@@ -481,6 +484,7 @@ def _state(m) -> dict:
     return {k: (v.view(torch.uint8) if v.dtype == FP8 else v).clone() for k, v in m.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["load_checkpoint", "load_segmentor_weights", "load_state_dict"])
 @pytest.mark.parametrize("bad", list(_BAD_SCALES))
 def test_an_fp8_file_with_a_bad_scale_is_refused_before_anything_loads(tmp_path, loader, bad):
@@ -574,6 +578,7 @@ def test_the_cublas_call_passes_the_bias_as_torch_takes_it(monkeypatch, dtype):
     torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fp8_model_through_the_unfused_alternatives(device, monkeypatch):
     """Where the tuned table picks the unfused alternatives (cuBLASLt + row kernels; on a CPU
     the torch GEMM + the same row kernels), the fast FP8 model still computes the reference

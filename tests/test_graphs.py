@@ -123,6 +123,7 @@ def test_cpu_inputs_run_eager_without_the_stand_in():
     assert graphed._graphs.captures == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records real CUDA graphs: needs a GPU")
 @pytest.mark.parametrize("fast", [False, True])
 def test_real_graph_replay_equals_eager_exactly(fast):

@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.mmseg
+
 if not os.environ.get("CI"):
     pytest.importorskip("mmseg", reason="mmsegmentation not installed (pip install -e '.[mmseg]', see README)")
 
@@ -63,6 +65,7 @@ def _params(model, prefix):
     return {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-3] for p in CONFIGS])
 def test_config_predicts_and_trains(path):
     assert len(CONFIGS) == 4

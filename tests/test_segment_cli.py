@@ -69,6 +69,7 @@ def test_segment_writes_labels_and_overlays_equal_to_predict(tmp_path, images, c
         assert overlay.height >= image.shape[1] and overlay.width > image.shape[2]  # the legend on the right
 
 
+@pytest.mark.slow
 def test_segment_without_checkpoint_says_the_weights_are_random_and_runs_the_fast_path(tmp_path, images):
     out = tmp_path / "out"
     p = segment("--config", "small", images / "room.jpg", "--out", out, "--fast")  # the interpreter, on a CPU
@@ -78,6 +79,7 @@ def test_segment_without_checkpoint_says_the_weights_are_random_and_runs_the_fas
     assert sorted(os.listdir(out)) == ["room_labels.png", "room_overlay.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file or folder"),
     ("empty-folder", "a folder with no image files"),

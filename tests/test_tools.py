@@ -17,6 +17,7 @@ def run(*args, env=None, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_default_compares_reference_and_fast_paths_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("the default on a GPU is the full 6B configuration (run by gpu_run.sh)")
@@ -29,6 +30,7 @@ def test_cli_default_compares_reference_and_fast_paths_on_cpu():
     assert [r[0] for r in rows] == ["reference", "fast"] and all(float(r[-1]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_cli_json_with_checkpoint_and_image(tmp_path):
     from PIL import Image
 
@@ -57,6 +59,7 @@ def test_cli_image_preprocessing_matches_upstream_normalisation(tmp_path):
     torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_path):
     from helpers import small_model
     torch.save(small_model(dtype=torch.float32, embed_dim=48).state_dict(), tmp_path / "other.pth")
@@ -70,6 +73,7 @@ def test_cli_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_path):
 NO_INTERP = {"TRITON_INTERPRET": "0"}  # the gate compiles real GPU code
 
 
+@pytest.mark.slow
 def test_compile_gate_passes_for_sm90_and_sm80():
     p = run("-m", "tools.gate", "--arch", "90", "80", "--json", "--block", env=NO_INTERP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -121,6 +125,7 @@ def test_compile_gate_passes_for_sm90_and_sm80():
     assert len(pairs) == 6 and all(int(a) < int(b) for _, a, b in pairs), pairs
 
 
+@pytest.mark.slow
 def test_gate_builds_the_tuners_candidates():
     """--candidates builds what the tuner would launch with each candidate, as the launcher
     plans it from a table holding it: two CTAs per SM and the flattened tile loop among them."""
@@ -187,6 +192,7 @@ def test_block_floor_is_the_fast_path_with_ideal_gemms():
         assert sum(costs.block_table(slower, s)[name]["fast"].values()) > floor
 
 
+@pytest.mark.slow
 def test_gate_builds_every_variant_the_fast_path_launches(monkeypatch):
     """Run the fast model (inference and training with drop path and with_cp, every dtype,
     with and without LayerScale; precision="fp8" with the fused ops and with their unfused
@@ -277,6 +283,7 @@ GATE_SCRIPT = """if True:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation, message", [
     ("spill", "row kernel spills (64 bytes)"),
     ("loop-spill", "3 spill instructions inside the main loop"),
@@ -334,6 +341,7 @@ def test_gpu_run_fails_loudly_without_cuda():
     assert p.returncode == 2 and "CUDA is not available" in p.stderr
 
 
+@pytest.mark.slow
 def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     before = sorted(os.listdir(os.path.join(ROOT, "kernels", "tuned")))
     p = run("-m", "benchmarks.gpu_run", "--smoke", "--skip-tests", "--tune", "--out", str(tmp_path))
@@ -378,6 +386,7 @@ def test_gpu_run_smoke_tunes_writes_results_and_plot(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_gpu_run_killed_after_its_first_stage_leaves_a_valid_file(tmp_path):
     """Results are written as they come: kill the run once the first stage is done."""
     import signal
@@ -405,6 +414,7 @@ def test_gpu_run_killed_after_its_first_stage_leaves_a_valid_file(tmp_path):
     assert "training" in res["stages_not_reached"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", ["h100", "h200"])
 def test_gpu_run_plan_fits_the_window(card):
     p = run("-m", "benchmarks.gpu_run", "--plan", "--card", card, "--json")
@@ -421,6 +431,7 @@ def test_gpu_run_plan_fits_the_window(card):
     assert names.index("tune") < names.index("backbone-b4-tuned") < names.index("segmentation")
 
 
+@pytest.mark.slow
 def test_gpu_run_fallback_layout_runs_from_the_repository_root(tmp_path):
     """gpu_run.sh where neither the package imports nor pip can install it: the script lays
     the package out by hand and the run starts in the repository root (as do its child
@@ -461,6 +472,7 @@ def test_gpu_run_fallback_layout_runs_from_the_repository_root(tmp_path):
     assert os.path.samefile(tuned, repo / "kernels" / "tuned")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--img-size", "0"], "--img-size 0: must be a positive multiple of the patch size (14)"),
     (["--img-size", "15"], "--img-size 15: must be a positive multiple"),
@@ -514,6 +526,7 @@ SAME_BITS = """if True:
 """
 
 
+@pytest.mark.slow
 def test_same_bits_check_sees_a_gelu_that_rounds_differently():
     """The gate's same-bits check of the GELU (its branch-free erf against libdevice's erff,
     both compiled for sm_90 and run on CPU over every bf16 and fp16 input and fp32 sweeps):
@@ -526,6 +539,7 @@ def test_same_bits_check_sees_a_gelu_that_rounds_differently():
         assert got[name][0] > 0 and got[name][1] == 1, (name, got)
 
 
+@pytest.mark.slow
 def test_same_bits_check_without_cudas_libdevice_fails_and_says_why():
     p = run("-c", "import numpy as np; from tools import gate as cc; "
             "from internvit_fast.kernels import REGISTRY; "
