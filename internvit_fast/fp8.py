@@ -97,7 +97,9 @@ class Fp8Linear(nn.Module):
                                   f"Fp8Linear({self.in_features}, {self.out_features})")
                 return
             state_dict = dict(state_dict)
-            state_dict[prefix + "weight"], state_dict[prefix + SCALE] = quantize_weight(w.to(self.weight.device))
+            # (a layer built on the meta device and loaded with assign=True: quantized where w is)
+            where = w.device if self.weight.is_meta else self.weight.device
+            state_dict[prefix + "weight"], state_dict[prefix + SCALE] = quantize_weight(w.to(where))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -7,6 +7,7 @@ routes the blocks' forward through the Triton kernels (see ``fast_path.py``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import numbers
@@ -329,6 +330,7 @@ class InternViT6B(nn.Module):
         self.with_fpn = with_fpn
         self.freeze_vit = freeze_vit
         self.fast = fast
+        self._has_data = False  # see _check_has_data
         n_graphs = 2 if cuda_graphs is True else int(cuda_graphs)
         self._graphs = graphs.GraphCache(n_graphs) if n_graphs else None
 
@@ -336,7 +338,8 @@ class InternViT6B(nn.Module):
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        # On the CPU whatever the default device: under torch.device("meta") .item() has no value.
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         # Upstream takes one flag or one per block.
         flash = list(use_flash_attn) if isinstance(use_flash_attn, (list, tuple)) else [use_flash_attn] * depth
 
@@ -365,8 +368,7 @@ class InternViT6B(nn.Module):
             self.up2 = nn.Sequential(up(), final_norm())
             self.up3 = nn.Sequential(nn.Identity(), final_norm())
             self.up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), final_norm())
-            for m in (self.up1, self.up2, self.up3, self.up4):
-                m.apply(_init_fpn)
+            self.init_fpn()
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -378,6 +380,11 @@ class InternViT6B(nn.Module):
         if freeze_vit:
             for p in self.vit_parameters():
                 p.requires_grad_(False)
+
+    def init_fpn(self) -> None:
+        """(Re)initialise the FPN as upstream does (no pretrained file holds it)."""
+        for m in (self.up1, self.up2, self.up3, self.up4):
+            m.apply(_init_fpn)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -414,6 +421,8 @@ class InternViT6B(nn.Module):
     # --- input checks and position table -------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not self._has_data:
+            self._check_has_data()
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
@@ -434,6 +443,23 @@ class InternViT6B(nn.Module):
         if self.with_fpn and min(h, w) < 2 * self.patch_size:
             raise ValueError(f"x is {h}x{w}: with the FPN (whose last level halves the patch grid) each side "
                              f"must be at least {2 * self.patch_size} pixels (a 2x2 grid of patches)")
+
+    def _check_has_data(self) -> None:
+        """Refuse to run a model whose weights are (partly) on the meta device: built under
+        torch.device("meta") and not loaded yet. Checked once (a few ms for the 6B model's 636
+        tensors), again after a move (``_apply``: .to, .cuda, .to_empty)."""
+        # (not state_dict(): under FSDP2 its hooks put the sharded parameters back mid-forward)
+        meta = [k for k, t in itertools.chain(self.named_parameters(), self.named_buffers()) if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"InternViT6B: {len(meta)} of its tensors are on the meta device, without data (e.g. {meta[0]!r}): "
+                "a model built under torch.device('meta') runs once its weights are loaded, with "
+                "load_checkpoint(model, path, device=...) or load_state_dict(state_dict, assign=True)")
+        self._has_data = True
+
+    def _apply(self, fn, recurse=True):
+        self._has_data = False
+        return super()._apply(fn, recurse)
 
     def pos_embed_for(self, grid_hw) -> torch.Tensor:
         """The position table for a (h, w) patch grid: the loaded table at the model's own grid,

@@ -189,7 +189,7 @@ def _some(keys: List[str], most: int = 6) -> str:
 
 
 def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Sequence[str] = (),
-                    renames: Optional[Mapping[str, str]] = None) -> Tuple[List[str], List[str]]:
+                    renames: Optional[Mapping[str, str]] = None, device=None) -> Tuple[List[str], List[str]]:
     """Load a checkpoint file (any accepted format) into an InternViT6B, in place; or into a
     ``Segmentor`` (segmentor.py), whose keys are mmseg's: backbone.*, decode_head.*, auxiliary_head.*.
 
@@ -202,6 +202,11 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Seque
     auxiliary head, which inference never runs). ``renames``: key prefixes of the file to
     read under another prefix, each applied only when the model has no key under the old
     one and some under the new (another codebase's name for the same module).
+
+    A model built under ``torch.device("meta")`` (no memory, no initialisation: the 6B model
+    in a second) gets each tensor created on ``device`` (default: the CPU) as it is read, one
+    at a time; a pretrained ViT file's missing FPN is initialised there as upstream does. Every
+    other key the file lacks is refused first (it would stay without data).
     """
     where = os.fspath(path)
     own = model.state_dict(keep_vars=True)
@@ -236,6 +241,12 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Seque
     if strict and (refused or unexpected):
         raise CheckpointError(f"{where}: does not match the model (nothing was loaded): "
                               f"missing keys {_some(refused)}, unexpected keys {_some(unexpected)}")
+    empty = [k for k in missing if own[k].is_meta]
+    fpn_owner = _fpn_owner(model, [k for k in empty if k not in refused]) if empty else None
+    left = [k for k in empty if k in refused or fpn_owner is None]
+    if left:
+        raise CheckpointError(f"{where}: the model is on the meta device and the file lacks {_some(left)}: they "
+                              "would stay without data (nothing was loaded)")
     if refused:
         logger.warning("%s: missing keys (left as initialised): %s", where, refused)
     if unexpected:
@@ -247,11 +258,39 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, may_miss: Seque
             for k in names:
                 # Converted on the CPU first: a dtype change inside copy_ would stage the
                 # source on the GPU at its own width.
-                own[k].copy_(materialize(sd[k]).to(own[k].dtype))
+                t = materialize(sd[k]).to(own[k].dtype)
+                if own[k].is_meta:
+                    _assign(model, k, own[k], t.to(device if device is not None else "cpu"))
+                else:
+                    own[k].copy_(t)
                 done += 1
+            if fpn_owner is not None:  # a meta model's FPN, which the ViT file does not hold
+                for up in (fpn_owner.up1, fpn_owner.up2, fpn_owner.up3, fpn_owner.up4):
+                    up.to_empty(device=device if device is not None else "cpu")
+                fpn_owner.init_fpn()
     except Exception as e:  # noqa: BLE001 - past every check: an I/O or device error
         raise CheckpointError(
             f"{where}: copying {names[done]} failed ({type(e).__name__}: {e}) after {done} of {len(names)} "
             f"tensors were copied: the model holds a mix of old and new weights; reload it") from None
     logger.info("%s: loaded %d tensors", where, len(names))
     return missing, unexpected
+
+
+def _fpn_owner(model: nn.Module, keys: List[str]) -> Optional[nn.Module]:
+    """The backbone whose FPN ``keys`` are (the model, or a Segmentor's ``backbone``), when
+    every one of them is an FPN key and it can initialise its FPN; else None."""
+    for prefix, owner in (("", model), ("backbone.", getattr(model, "backbone", None))):
+        if owner is not None and hasattr(owner, "init_fpn") and keys and all(
+                k.startswith(prefix) and k[len(prefix):].startswith(FPN_PREFIXES) for k in keys):
+            return owner
+    return None
+
+
+def _assign(model: nn.Module, key: str, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put ``value`` in place of a meta tensor (a parameter keeps its requires_grad)."""
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(name, value)
