@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.mmseg
+
 if not os.environ.get("CI"):
     pytest.importorskip("mmseg", reason="mmsegmentation not installed (pip install -e '.[mmseg]', see README)")
 
@@ -205,6 +207,7 @@ def _single_process_step():
     return model, before, both
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["InternViTDDP", "InternViTFSDP"])
 def test_two_processes_give_the_single_process_gradients(tmp_path, wrapper):
     import torch.multiprocessing as mp
@@ -287,6 +290,7 @@ def _tiny_dataset(root):
             Image.fromarray(seg).save(root / "annotations" / split / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_train_and_test_entry_points(tmp_path):
     data = tmp_path / "ade"
     _tiny_dataset(data)
@@ -357,6 +361,62 @@ class BNDumpHook(Hook):
 """
 
 
+# What a resumed run must have restored, dumped before every training iteration: every param
+# group's hyperparameters (the optimizer wrapper's base_param_settings included: the logged
+# base_lr), the schedulers, the message hub's information and lr history, the seed.
+STATE_DUMP = """
+import json
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+# where the run writes and how long it takes: the two runs differ there by design
+RUN_SPECIFIC = ('cfg', 'eta', 'time', 'data_time', 'experiment_name', 'last_ckpt', 'sharded_keep_iters',
+                'sharded_best_folder')
+
+
+def plain(v):
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items() if k not in ('params', 'param_names')}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+
+@HOOKS.register_module(force=True)
+class StateDumpHook(Hook):
+    priority = 'LOWEST'
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        w, hub, scheds = runner.optim_wrapper, runner.message_hub, runner.param_schedulers
+        state = dict(
+            iter=runner.iter, epoch=runner.epoch, seed=runner.seed,
+            param_groups=plain(w.param_groups), base_param_settings=plain(getattr(w, 'base_param_settings', None)),
+            lr=plain(w.get_lr()), schedulers=plain([s.state_dict() for s in (scheds or [])]),
+            runtime_info=plain({k: v for k, v in hub.runtime_info.items()
+                                if k not in RUN_SPECIFIC}),
+            lr_history=plain({k: b.data[0].tolist() for k, b in hub.log_scalars.items() if k.endswith('lr')}))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(f'{runner.work_dir}/state_iter{runner.iter}_rank{rank}.json', 'w') as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+"""
+
+
+def _dumped(work, iteration: int, ranks: int = 1) -> list:
+    return [json.loads((work / f"state_iter{iteration}_rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _same_state(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        if isinstance(want[key], dict):
+            for sub in set(want[key]) | set(got[key]):
+                assert got[key].get(sub) == want[key].get(sub), (key, sub, got[key].get(sub), want[key].get(sub))
+        else:
+            assert got[key] == want[key], (key, got[key], want[key])
+
+
+@pytest.mark.slow
 def test_torchrun_with_the_recipes_syncbn_on_cpu_keeps_one_set_of_norm_statistics(tmp_path):
     """The shipped recipe's heads (SyncBN) under torchrun without CUDA: reverted to BatchNorm with
     a log line; after training every process holds the same running statistics, and the
@@ -382,6 +442,7 @@ def test_torchrun_with_the_recipes_syncbn_on_cpu_keeps_one_set_of_norm_statistic
         assert torch.equal(value, saved[name]), f"{name}: the checkpoint holds other statistics"
 
 
+@pytest.mark.slow
 def test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests(tmp_path):
     """torchrun, FSDP: iter_N folders named after N iterations, the last two kept, the best
     kept apart, last_checkpoint, no temporary folder left; --resume from one continues to the
@@ -389,12 +450,16 @@ def test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests(tmp_path):
     data = tmp_path / "ade"
     _tiny_dataset(data)
     cfg_path = tmp_path / "tiny.py"
+    (tmp_path / "state_dump.py").write_text(STATE_DUMP)
     hooks = ("default_hooks = dict(logger=dict(interval=1))\n"
-             "custom_hooks = [dict(type='ShardedCheckpointHook', interval=1, max_keep_ckpts=2, save_best='mIoU')]")
+             "custom_imports = dict(imports=['internvit_fast.mmseg', 'state_dump'])\n"
+             "custom_hooks = [dict(type='ShardedCheckpointHook', interval=1, max_keep_ckpts=2, save_best='mIoU'),"
+             " dict(type='StateDumpHook')]")
     cfg_path.write_text(TINY.format(base=FSDP, data=str(data), hooks=hooks, norm=BN))
     opts = ["--cfg-options", "train_cfg.max_iters=4", *EXACT]
     first, second = tmp_path / "first", tmp_path / "second"
-    rc, log = _run(["train", cfg_path, "--work-dir", first, *opts], torchrun=True)
+    env = {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    rc, log = _run(["train", cfg_path, "--work-dir", first, *opts], env, torchrun=True)
     assert rc == 0, log[-4000:]
     folders = sorted(p.name for p in first.iterdir() if p.is_dir() and (p / ".metadata").exists())
     best = [f for f in folders if f.startswith("best_mIoU_iter_")]
@@ -403,16 +468,22 @@ def test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests(tmp_path):
     assert (first / "last_checkpoint").read_text().strip() == str(first / "iter_4")
     assert "layer-wise lr decay: 12 parameter groups" in _mmengine_log(first)  # in mmengine's log file
 
-    rc, log = _run(["train", cfg_path, "--work-dir", second, "--resume", first / "iter_3", *opts], torchrun=True)
+    rc, log = _run(["train", cfg_path, "--work-dir", second, "--resume", first / "iter_3", *opts], env,
+                   torchrun=True)
     assert rc == 0, log[-4000:]
     assert "resumed from" in log and "iter 3" in log
+    # everything an unsharded resume restores (test_resume_and_load_from_in_one_process), on every process
+    want, got = _dumped(first, 3, ranks=2), _dumped(second, 3, ranks=2)
+    assert want[0]["base_param_settings"] and want[0]["lr"]["base_lr"]
+    for g, w in zip(got, want):
+        _same_state(g, w)
     from internvit_fast.checkpoint import read_state_dict
     a, b = read_state_dict(first / "iter_4"), read_state_dict(second / "iter_4")
     assert set(a) == set(b) and any(k.startswith("optimizer.state.") for k in a)
     for k in a:
         assert torch.equal(a[k].load(), b[k].load()), f"{k}: the resumed run differs"
 
-    rc, log = _run(["test", cfg_path, first / "iter_4", "--work-dir", tmp_path / "test"], torchrun=True)
+    rc, log = _run(["test", cfg_path, first / "iter_4", "--work-dir", tmp_path / "test"], env, torchrun=True)
     assert rc == 0, log[-4000:]
     assert "mIoU" in log
 
@@ -422,6 +493,7 @@ def _mmengine_log(work) -> str:
     return open(log).read()
 
 
+@pytest.mark.slow
 def test_resume_and_load_from_in_one_process(tmp_path):
     """A run of 2 iterations resumed to 4 (--resume: the newest checkpoint of the work dir, read
     through the safe loader) ends where an uninterrupted run of 4 ends; --load-from starts from
@@ -429,27 +501,35 @@ def test_resume_and_load_from_in_one_process(tmp_path):
     data = tmp_path / "ade"
     _tiny_dataset(data)
     cfg_path = tmp_path / "tiny.py"
-    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=HOOKS["plain"], norm=BN))
+    (tmp_path / "state_dump.py").write_text(STATE_DUMP)
+    hooks = HOOKS["plain"] + "\ncustom_imports = dict(imports=['internvit_fast.mmseg', 'state_dump'])\n" \
+        "custom_hooks = [dict(type='StateDumpHook')]"
+    cfg_path.write_text(TINY.format(base=FULL, data=str(data), hooks=hooks, norm=BN))
     opts = ["--cfg-options", "model.backbone.fast=False", *EXACT]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    rc, log = _run(["train", cfg_path, "--work-dir", whole, *opts, "train_cfg.max_iters=4"])
+    env = {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    rc, log = _run(["train", cfg_path, "--work-dir", whole, *opts, "train_cfg.max_iters=4"], env)
     assert rc == 0, log[-4000:]
-    rc, log = _run(["train", cfg_path, "--work-dir", parts, *opts, "train_cfg.max_iters=2"])
+    rc, log = _run(["train", cfg_path, "--work-dir", parts, *opts, "train_cfg.max_iters=2"], env)
     assert rc == 0, log[-4000:]
-    rc, log = _run(["train", cfg_path, "--work-dir", parts, "--resume", *opts, "train_cfg.max_iters=4"])
+    rc, log = _run(["train", cfg_path, "--work-dir", parts, "--resume", *opts, "train_cfg.max_iters=4"], env)
     assert rc == 0, log[-4000:]
     assert "resumed epoch: 0, iter: 2" in log
+    (want,), (got,) = _dumped(whole, 2), _dumped(parts, 2)
+    assert want["base_param_settings"]
+    _same_state(got, want)  # mmengine's own resume restores all of it
     from internvit_fast.mmseg import read_runner_file
     a, b = (read_runner_file(str(w / "iter_4.pth")) for w in (whole, parts))
     assert a["meta"]["iter"] == b["meta"]["iter"] == 4
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), f"{k}: the resumed run differs"
     rc, log = _run(["train", cfg_path, "--work-dir", tmp_path / "loaded", "--load-from", whole / "iter_4.pth", *opts,
-                    "train_cfg.max_iters=1"])
+                    "train_cfg.max_iters=1"], env)
     assert rc == 0, log[-4000:]
     assert "Load checkpoint from" in log and "resumed" not in log
 
 
+@pytest.mark.slow
 def test_test_with_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     data = tmp_path / "ade"
     _tiny_dataset(data)
@@ -463,6 +543,7 @@ def test_test_with_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     assert "error:" in last and "linear.pth" in last and "'" in last and "Traceback" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [FULL, HEAD, LINEAR], ids=os.path.basename)
 def test_every_shipped_config_tests_under_torchrun(tmp_path, path):
     """(FSDP: in test_fsdp_run_keeps_its_checkpoints_resumes_exactly_and_tests.) Each recipe
@@ -575,6 +656,7 @@ def _small_updates(wrapper_type: str):
     return changed, ow
 
 
+@pytest.mark.slow
 def test_fp32_master_weights_accumulate_small_updates():
     norms = [k for k in _fresh_names() if k.endswith(("norm1.weight", "norm2.weight", "q_norm.weight", "gamma"))]
     default, _ = _small_updates("OptimWrapper")

@@ -43,7 +43,17 @@ def _runner_state(runner, iteration: int, osd: dict) -> dict:
         "optimizer_param_groups": osd["param_groups"],
         "optimizer_scalars": {fqn: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
                               for fqn, st in osd["state"].items()},
+        # mmengine's optimizer wrapper keeps, beside the optimizer, a param group of its own whose
+        # lr the schedulers drive too (the logged base_lr): what its state_dict() adds.
+        "optim_wrapper_extra": _wrapper_extra(runner.optim_wrapper),
     }
+
+
+def _wrapper_extra(wrapper) -> dict:
+    """What the optimizer wrapper's state_dict() holds beyond the optimizer's state and param
+    groups (those are saved sharded): mmengine's ``base_param_settings``."""
+    base = getattr(wrapper, "base_param_settings", None)
+    return {} if base is None else {"base_param_settings": dict(base)}
 
 
 def _rank() -> int:
@@ -121,6 +131,9 @@ def resume_sharded(runner, folder: str) -> None:
         osd["state"].setdefault(fqn, {}).update(scalars)
     set_optimizer_state_dict(module_of(runner.model), runner.optim_wrapper.optimizer,
                              {"state": osd["state"], "param_groups": state["optimizer_param_groups"]})
+    base = state.get("optim_wrapper_extra", {}).get("base_param_settings")
+    if base is not None and getattr(runner.optim_wrapper, "base_param_settings", None) is not None:
+        runner.optim_wrapper.base_param_settings = base  # as mmengine's OptimWrapper.load_state_dict does
     meta = state["meta"]
     runner.train_loop._epoch, runner.train_loop._iter = meta["epoch"], meta["iter"]
     seed = meta.get("seed")
