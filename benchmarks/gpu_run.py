@@ -431,8 +431,11 @@ def main(argv=None) -> int:
         # The cost model's prediction for each kernel at the main shape (sm_90 builds, ~10 s
         # of CPU), beside what was measured: the first GPU run calibrates the model.
         try:
-            from tools.gate import predictions
+            from tools.costs import block_model
+            from tools.gate import block_predictions, predictions
             run.res["predicted_us"] = predictions()
+            # every op of the block per path, as ranges: python -m tools.calibrate compares
+            run.res["predicted_block"] = block_model(4, 1297, block_predictions(4, 1297))
         except Exception as e:  # noqa: BLE001 - a convenience; the measurements are kept either way
             run.log(f"no predictions: {type(e).__name__}: {e}")
     run.write()

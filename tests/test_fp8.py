@@ -663,20 +663,6 @@ def test_residual_norm_fp8_without_layerscale_and_its_guards(device):
         K.rms_norm_fp8_launch(x, w, 1e-6, q, s[:, :2], y=y, x_out=x_new)
 
 
-def test_fp8_cost_column_takes_the_cheaper_of_fused_and_cublas():
-    from tools import costs
-    slow = {k: {"h100": 1e6, "h200": 1e6} for k in ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]",
-                                                   "fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]",
-                                                   "fp8_linear_residual[fc2]")}
-    s = Shape(1297 * 4)
-    table = costs.block_table(slow, s)["h100"]["fast fp8"]
-    card = costs.CARDS["h100"]
-    assert table["qkv"] == pytest.approx(costs.cublas_us(card, s.rows, 3 * s.width, s.width) / costs.FP8_SPEEDUP)
-    assert all(v < 1e6 for v in table.values())
-    fast = {k: {"h100": 1.0, "h200": 1.0} for k in slow}
-    assert costs.block_table(fast, s)["h100"]["fast fp8"]["qkv"] == 1.0
-
-
 def test_loaders_refuse_integer_and_nan_weights_and_a_scale_without_its_weight(tmp_path):
     from safetensors.torch import save_file
     src = {k: v.contiguous() for k, v in _model().state_dict().items()}

@@ -12,6 +12,7 @@ group; the minimum reads each operand once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import triton
@@ -107,7 +108,6 @@ WAIT_US = 1.5
 # Zeroing stream-K's counters before each launch (torch.zeros: one more launch in the
 # stream): a lead.
 MEMSET_US = 2.0
-ATTENTION_TFLOPS = 450.0  # lead: SDPA (cuDNN / FlashAttention) at head dim 128, 1297 tokens, not measured here
 
 
 def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, ctas_per_sm: int, warps: int,
@@ -129,7 +129,7 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, bloc
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     rate = (card["matmul_tflops"] if tensor_cores else card["fp32_tflops"]) * 1e6 / card["sms"]  # FLOP/us per SM
     if fp8:
-        rate *= FP8_SPEEDUP
+        rate *= card.get("fp8_speedup", FP8_SPEEDUP)
     mma = 2.0 * block_m * block_n * k / rate
     epilogue = epilogue_instructions * warps / ISSUE_PER_CYCLE / (card["clock_ghz"] * 1e3)
     exposed = epilogue + (serial_waits + (0 if flatten else 1)) * WAIT_US
@@ -154,6 +154,239 @@ def memory_us(card: dict, bytes_moved: float) -> float:
     return bytes_moved / (card["copy_gbs"] * 1e3)
 
 
+# --- rates with their ranges and sources -------------------------------------------------
+#
+# Every rate the block model uses, per card, as (low, high, source). Predictions are ranges:
+# the low rates give the high end of a time, the high rates the low end. "measured" is this
+# project's lent machines (shared/TOOLCHAIN.md); a "lead" is a reading or an assumption that
+# the first GPU run replaces (benchmarks/results: measured beside predicted, and
+# ``python -m tools.calibrate`` prints the constants that would fit).
+
+
+@dataclass(frozen=True)
+class Rate:
+    low: float
+    high: float
+    source: str
+
+
+_MATMUL = Rate(650.0, 790.0, "bf16 GEMM TFLOP/s: 790 measured (8192^3, cuBLAS, the lent H100/H200 machines); "
+                             "650-780 public cuBLAS/CUTLASS figures on an H100 at M~5k, K=3200 (lead for our shapes)")
+_ATTENTION = Rate(450.0, 600.0, "bf16 SDPA TFLOP/s, head dim 128, non-causal: FlashAttention-3 paper (H100 SXM): "
+                                "FA3 565/625, cuDNN 574/617 at sequence 1k/2k; 1297 tokens and 25 heads lower (lead)")
+_FP8 = Rate(1.3, 2.0, "FP8 GEMM rate / bf16 GEMM rate: 1.3-1.65 public fine-grained-scaled (1x128, 128x128) FP8 "
+                      "GEMMs on H100/H800 at these sizes; 2.0 the datasheet's dense ratio (1979 vs 989 TFLOP/s)")
+RATES: Dict[str, Dict[str, Rate]] = {
+    "h100": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8,
+                 copy=Rate(2550.0, 3000.0, "GB/s read + written: 3000 measured device-to-device (H100); row kernels "
+                                           "at 85% of it the low end (lead)")),
+    "h200": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8,
+                 copy=Rate(3650.0, 4300.0, "GB/s read + written: 4300 measured device-to-device (H200); row kernels "
+                                           "at 85% of it the low end (lead)")),
+}
+ENDS = ("fast", "slow")  # the high rates, the low rates
+
+
+def card_at(name: str, end: str) -> dict:
+    """CARDS[name] with the rates of one end of their ranges: "fast" (high rates) or "slow"."""
+    r = RATES[name]
+    pick = (lambda x: x.high) if end == "fast" else (lambda x: x.low)
+    return dict(CARDS[name], matmul_tflops=pick(r["matmul"]), copy_gbs=pick(r["copy"]),
+                attention_tflops=pick(r["attention"]), fp8_speedup=pick(r["fp8_speedup"]))
+
+
+# --- one block, op by op -------------------------------------------------------------------
+#
+# The reference block's ops in the order they run (model.py Block._forward), counted per
+# sequence: attention is batch x (4 T^2 C), never (B T)^2. FLOPs are the matrix products
+# (what torch's FlopCounterMode counts: the GEMMs and q k^T, p v; norms and elementwise work
+# count 0); bytes are the least each op must read and write (its inputs, weights and outputs,
+# once). tests/test_tools.py ties both to independent counts on the reference block.
+OPS = ("norm1", "qkv", "qk_norm", "attention", "proj", "residual1", "norm2", "fc1", "gelu", "fc2", "residual2")
+PATHS = ("eager", "compile", "fast", "fp8")
+GEMM_OPS = ("qkv", "proj", "fc1", "fc2")
+FUSED_GEMMS = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
+FP8_GEMMS = ("fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]", "fp8_linear_residual[fc2]")
+
+
+def op_counts(batch: int, tokens: int, width: int = 3200, hidden: int = 12800, el: int = 2,
+              qkv_bias: bool = False) -> Dict[str, Tuple[int, int]]:
+    """(FLOPs, least bytes) of each op of one block on ``batch`` sequences of ``tokens``."""
+    r, c, h = batch * tokens, width, hidden
+    act = r * c * el
+    norm = 2 * act + c * el  # x and the weight read, h written
+    residual = 3 * act + c * el  # x, y and gamma read, x_new written
+    return {
+        "norm1": (0, norm),
+        "qkv": (2 * r * 3 * c * c, act + 3 * c * c * el + (3 * c * el if qkv_bias else 0) + 3 * act),
+        "qk_norm": (0, 4 * act + 2 * c * el),  # q and k read and written, two weights
+        "attention": (batch * 4 * tokens * tokens * c, 4 * act),  # per sequence: q k^T and p v; q, k, v read, o written
+        "proj": (2 * r * c * c, act + c * c * el + c * el + act),
+        "residual1": (0, residual),
+        "norm2": (0, norm),
+        "fc1": (2 * r * h * c, act + h * c * el + h * el + r * h * el),
+        "gelu": (0, 2 * r * h * el),
+        "fc2": (2 * r * c * h, r * h * el + c * h * el + c * el + act),
+        "residual2": (0, residual),
+    }
+
+
+def path_bytes(batch: int, tokens: int, width: int = 3200, hidden: int = 12800, el: int = 2
+               ) -> Dict[str, Dict[str, float]]:
+    """The bytes each path's row kernels move per op slot (GEMMs and attention: see path_us).
+
+    eager: upstream's RMSNorm as the ops it launches (x.float(), pow, mean, the rsqrt multiply,
+    the cast back, the weight multiply: (28 + 4 el) bytes per element, 36 in bf16); q_norm and
+    k_norm two such norms on the strided q and k views (the reference makes no copies);
+    LayerScale and the add two kernels (5 activations); GELU one kernel.
+    compile (Inductor on the reference, a lead until its GPU code is read): each norm fused
+    with the residual before it (x, y, gamma read; x_new and h written: the first block's
+    norm1 is the previous block's residual2), QK-norm one pass, GELU one pass after fc1.
+    fast / fp8: the fused ops' row traffic only where a row kernel runs: QK-norm, and the norm
+    after proj and after fc2 (whole 3200-wide rows no output tile holds); the residual and
+    GELU are GEMM epilogues (see path_us for the unfused alternatives). Every norm once: this
+    block's norm1 slot holds the norm the previous block's fc2 op wrote."""
+    counts = op_counts(batch, tokens, width, hidden, el)
+    r, c = batch * tokens, width
+    act = r * c * el
+    eager_norm = r * c * (28 + 4 * el) + c * el
+    fused_norm = 4 * act + 2 * c * el  # residual + norm in one pass
+    return {
+        "eager": dict(norm1=eager_norm, qk_norm=2 * eager_norm, residual1=5 * act + c * el, norm2=eager_norm,
+                      gelu=counts["gelu"][1], residual2=5 * act + c * el),
+        "compile": dict(norm1=0, qk_norm=counts["qk_norm"][1], residual1=fused_norm, norm2=0,
+                        gelu=counts["gelu"][1], residual2=fused_norm),
+        "fast": dict(norm1=counts["norm1"][1], qk_norm=counts["qk_norm"][1], residual1=0, norm2=counts["norm2"][1],
+                     gelu=0, residual2=0),
+        "fp8": dict(norm1=r * c * (el + 1) + r * math.ceil(c / 128) * 4 + c * el, qk_norm=counts["qk_norm"][1],
+                    residual1=0, norm2=r * c * (el + 1) + r * math.ceil(c / 128) * 4 + c * el, gelu=0, residual2=0),
+    }
+
+
+def path_us(card: dict, batch: int, tokens: int, gemm_pred: Optional[Dict[str, float]] = None,
+            width: int = 3200, hidden: int = 12800, el: int = 2, chosen: Optional[Dict[str, bool]] = None
+            ) -> Dict[str, Dict[str, float]]:
+    """Predicted microseconds of each op of one block per path on ``card`` (one end of the
+    rates: card_at). ``gemm_pred``: the gate's predictions of the fused GEMMs at this shape on
+    this card end ({"linear_gelu": us, ...}, FP8 ones too); without them the fast paths'
+    GEMMs are taken at cuBLAS's rate with free epilogues (their floor).
+
+    fast: each fused op at the cheaper of the fused kernel and its unfused alternative (the
+    tuned table's choice: cuBLAS, then the row kernel at its least bytes), as the fast path
+    runs; fp8: the same with the FP8 GEMMs (cuBLASLt's block-scaled GEMM at fp8_speedup x
+    the bf16 rate as the alternative) and the attention output through the quantizer.
+    ``chosen``: {fused op: whether it runs unfused}; an empty dict is filled with this card
+    end's choices, a filled one is followed (the tuned table picks once per shape: a range's
+    two ends keep the same implementations)."""
+    chosen = {} if chosen is None else chosen
+
+    def unfused(key: str, fused_us: float, unfused_us: float) -> bool:
+        if key not in chosen:
+            chosen[key] = unfused_us < fused_us
+        return chosen[key]
+
+    counts = op_counts(batch, tokens, width, hidden, el)
+    rb = path_bytes(batch, tokens, width, hidden, el)
+    r, c, h = batch * tokens, width, hidden
+    act = r * c * el
+    mm = {op: counts[op][0] / (card["matmul_tflops"] * 1e6) for op in GEMM_OPS}
+    att = counts["attention"][0] / (card["attention_tflops"] * 1e6)
+    mem = {p: {op: memory_us(card, b) for op, b in ops.items()} for p, ops in rb.items()}
+    out = {}
+    for p in ("eager", "compile"):
+        out[p] = dict(mem[p], attention=att, **mm)
+    pred = gemm_pred or {}
+    norm = memory_us(card, counts["norm2"][1])
+    res_norm = memory_us(card, 4 * act + 2 * c * el)  # the unfused alternative's residual + norm kernel
+    gelu = memory_us(card, counts["gelu"][1])
+    fast = dict(mem["fast"], attention=att, qkv=mm["qkv"])
+    for op, spec, ext in (("proj", "linear_residual[proj]", "residual1"), ("fc2", "linear_residual[fc2]", "residual2")):
+        fused = pred.get(spec, mm[op])
+        if unfused(spec, fused + norm, mm[op] + res_norm):  # cuBLAS, then residual + norm in one row kernel
+            norm_slot = "norm2" if op == "proj" else "norm1"
+            fast.update({op: mm[op], ext: res_norm, norm_slot: 0.0})
+        else:
+            fast[op] = fused
+    fused = pred.get("linear_gelu", mm["fc1"])
+    if not unfused("linear_gelu", fused, mm["fc1"] + gelu):
+        fast.update(fc1=fused, gelu=0.0)
+    else:  # cuBLAS, then the in-place GELU kernel
+        fast.update(fc1=mm["fc1"], gelu=gelu)
+    out["fast"] = fast
+    k8 = card.get("fp8_speedup", FP8_SPEEDUP)
+    quant = memory_us(card, r * c * (el + 1) + r * math.ceil(c / 128) * 4)
+    quant_h = memory_us(card, r * h * (el + 1) + r * math.ceil(h / 128) * 4)
+    res_norm8 = memory_us(card, r * c * (3 * el + 1) + r * math.ceil(c / 128) * 4 + 2 * c * el)
+    norm8 = mem["fp8"]["norm2"]
+    fp8 = dict(mem["fp8"], attention=att + quant)  # the attention output quantized for proj
+    fused = pred.get("fp8_linear", mm["qkv"] / k8)
+    fp8["qkv"] = mm["qkv"] / k8 if unfused("fp8_linear", fused, mm["qkv"] / k8) else fused
+    for op, spec, ext in (("proj", "fp8_linear_residual[proj]", "residual1"),
+                          ("fc2", "fp8_linear_residual[fc2]", "residual2")):
+        fused = pred.get(spec, mm[op] / k8)
+        if unfused(spec, fused + norm8, mm[op] / k8 + res_norm8):
+            fp8.update({op: mm[op] / k8, ext: res_norm8, "norm2" if op == "proj" else "norm1": 0.0})
+        else:
+            fp8[op] = fused
+    fused = pred.get("fp8_linear_gelu", mm["fc1"] / k8)
+    if not unfused("fp8_linear_gelu", fused, mm["fc1"] / k8 + gelu + quant_h):
+        fp8.update(fc1=fused, gelu=0.0)
+    else:  # unfused: cuBLASLt, then GELU and the quantizer over the hidden activation
+        fp8.update(fc1=mm["fc1"] / k8, gelu=gelu + quant_h)
+    out["fp8"] = fp8
+    return {p: {op: out[p][op] for op in OPS} for p in PATHS}
+
+
+def block_model(batch: int, tokens: int, gemm_pred: Optional[Dict[str, Dict[str, Dict[str, float]]]] = None,
+                width: int = 3200, hidden: int = 12800) -> dict:
+    """The block table as JSON: ``{"ops": [{"op", "flops", "bytes", "us": {card: {path: [low, high]}}}],
+    "total": {card: {path: [low, high]}}, "rates": {...}}``. ``gemm_pred``: {end: {spec: {card: us}}},
+    the gate's fused-GEMM predictions at both ends of the rates (None: their cuBLAS floor)."""
+    counts = op_counts(batch, tokens, width, hidden)
+    t, choices = {}, {}
+    for name in CARDS:
+        choices[name] = {}  # made at the fast end (the measured rates), kept at the slow end
+        t[name] = {end: path_us(card_at(name, end), batch, tokens,
+                                {k: v[name] for k, v in (gemm_pred or {}).get(end, {}).items() if name in v},
+                                width, hidden, chosen=choices[name]) for end in ENDS}
+    ops = [dict(op=op, flops=counts[op][0], bytes=counts[op][1],
+                us={name: {p: [round(t[name]["fast"][p][op], 1), round(t[name]["slow"][p][op], 1)] for p in PATHS}
+                    for name in CARDS}) for op in OPS]
+    total = {name: {p: [round(sum(t[name]["fast"][p].values()), 1), round(sum(t[name]["slow"][p].values()), 1)]
+                    for p in PATHS} for name in CARDS}
+    rates = {name: {k: dict(low=v.low, high=v.high, source=v.source) for k, v in RATES[name].items()}
+             for name in CARDS}
+    unfused = {name: sorted(k for k, v in c.items() if v) for name, c in choices.items()}
+    return dict(batch=batch, tokens=tokens, width=width, hidden=hidden, ops=ops, total=total, rates=rates,
+                unfused=unfused,
+                fused_gemms="the gate's sm_90 builds" if gemm_pred else "cuBLAS rate, epilogues free (no builds)")
+
+
+def crop_model(img: int, batch: int, block: dict, depth: int = 48, patch: int = 14, width: int = 3200) -> dict:
+    """Per batch of ``img`` x ``img`` crops: ms for the backbone's blocks, + the FPN, + the
+    UPerNet head (upstream's 504 recipe), per card and path, [low, high]. The patch embedding,
+    FPN and head at the matmul rate (their FLOPs: the FPN's transposed convolutions, the head
+    counted by FlopCounterMode; a lower bound: their memory traffic is not modelled, a lead)."""
+    from internvit_fast.segmentation.segmentor import head_flops
+    g = img // patch
+    fpn = 2 * width * width * (4 * g * g + 16 * g * g) + 2 * width * width * 4 * g * g  # up1 (two), up2
+    embed = 2 * g * g * width * 3 * patch * patch
+    head = head_flops("upernet", (img, img))
+    out = {}
+    for name in CARDS:
+        rate = {end: card_at(name, end)["matmul_tflops"] * 1e9 for end in ENDS}  # FLOP per ms
+        rows = {}
+        for p in PATHS:
+            blocks = [depth * us / 1e3 for us in block["total"][name][p]]  # [fast end, slow end]
+            fpn_ms = [batch * (fpn + embed) / rate[end] for end in ENDS]
+            head_ms = [batch * head / rate[end] for end in ENDS]
+            rows[p] = dict(blocks=[round(b, 2) for b in blocks],
+                           backbone_fpn=[round(b + f, 2) for b, f in zip(blocks, fpn_ms)],
+                           segmentor=[round(b + f + hd, 2) for b, f, hd in zip(blocks, fpn_ms, head_ms)])
+        out[name] = rows
+    return dict(img=img, batch=batch, tokens=g * g + 1, ms=out)
+
+
 def fused_vs_unfused(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Tuple[float, float]]]:
     """Each fused GEMM op of the fast block and its unfused alternative, predicted per card:
     {card: {op: (fused us, unfused us)}}. Fused: the gate's prediction of the GEMM with its
@@ -169,71 +402,4 @@ def fused_vs_unfused(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[s
             fc1_gelu=(gemm_pred["linear_gelu"][name], cublas_us(card, rows, h, c) + memory_us(card, 2 * rows * h * el)),
             fc2_residual_next_norm=(gemm_pred["linear_residual[fc2]"][name] + norm,
                                     cublas_us(card, rows, c, h) + res_norm))
-    return out
-
-
-def block_table(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Predicted microseconds of one block at ``s`` per op and card, for the eager
-    reference, torch.compile of it and the fast path. ``gemm_pred``: the gate's predictions
-    of the fused GEMMs at ``s`` ({"linear_gelu": {"h100": us, ...}, "linear_residual[proj]": ...,
-    "linear_residual[fc2]": ...}).
-
-    Eager: cuBLAS GEMMs, and each row op as the separate kernels upstream's modules launch:
-    RMSNorm (x.float(), pow, mean, rsqrt multiply, cast, weight multiply: 36 bytes moved per
-    bf16 element against the fused kernel's 4), QK-norm as two such norms plus the copies of
-    q and k that upstream's transpose-and-flatten makes, LayerScale and the residual add (two
-    kernels, 10 bytes per element). torch.compile: cuBLAS GEMMs with Inductor's fused row
-    kernels at their minimum bytes, which is what the unfused alternatives cost. Fast: for
-    each fused op the cheaper of the gate's prediction of it and its unfused alternative
-    (the tuned table's choice), the row kernels at their minimum. Attention (one backend for
-    all three) and the qkv GEMM (plain cuBLAS everywhere) are common.
-
-    "fast floor": the most the fast path's design can reach, its GEMMs at cuBLAS's rate with
-    no tile quantization and their epilogues free, and only the row traffic it cannot fuse
-    into a GEMM: QK-norm and the norms after proj and fc2, each over whole 3200-wide rows
-    that no output tile holds, at their minimum bytes. A target above torch.compile / floor
-    is out of this design's reach (the fast path would need to beat cuBLAS's GEMMs or fuse
-    those norms into the next GEMM or into attention)."""
-    el, rows, c, h = s.el, s.rows, s.width, s.hidden
-    act = rows * c * el
-    out = {}
-    for name, card in CARDS.items():
-        att = 4.0 * rows * rows * c / (ATTENTION_TFLOPS * 1e6)  # QK^T and PV over all heads
-        qkv = cublas_us(card, rows, 3 * c, c)
-        proj, fc1, fc2 = cublas_us(card, rows, c, c), cublas_us(card, rows, h, c), cublas_us(card, rows, c, h)
-        gelu = memory_us(card, 2 * rows * h * el)
-        norm_min, res_norm_min = memory_us(card, 2 * act), memory_us(card, 4 * act)
-        qk_min = memory_us(card, 4 * act)
-        eager_norm = memory_us(card, 18 * act)  # 36 bytes per bf16 element
-        eager_res = memory_us(card, 5 * act)  # gamma * h, then x + that
-        eager = dict(norm1=eager_norm, qkv=qkv, qk_norm=2 * eager_norm + memory_us(card, 4 * act), attention=att,
-                     proj=proj,
-                     residual1=eager_res, norm2=eager_norm, fc1=fc1, gelu=gelu, fc2=fc2, residual2=eager_res)
-        compiled = dict(norm1=norm_min, qkv=qkv, qk_norm=qk_min, attention=att, proj=proj,
-                        residual1_norm2=res_norm_min, fc1=fc1, gelu=gelu, fc2=fc2, residual2_next_norm=res_norm_min)
-        # (the fast block's first norm is the previous block's last: counted once, at the end)
-        choices = fused_vs_unfused(gemm_pred, s)[name]
-        fast = dict(qkv=qkv, qk_norm=qk_min, attention=att, **{op: min(t) for op, t in choices.items()})
-        floor = dict(qkv=qkv, qk_norm=qk_min, attention=att, proj_norm2=proj + norm_min, fc1_gelu=fc1,
-                     fc2_next_norm=fc2 + norm_min)
-        out[name] = {"eager": eager, "torch.compile": compiled, "fast": fast, "fast floor": floor}
-        fp8 = ("fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]", "fp8_linear_residual[fc2]")
-        if all(k in gemm_pred for k in fp8):
-            # precision="fp8": the norms write e4m3 (a row read, a byte and a scale per 128 written),
-            # the attention output goes through the quantizer; attention and qk_norm as above.
-            # Each GEMM op: the cheaper of the fused kernel and its unfused alternative (cuBLASLt's
-            # block-scaled GEMM, taken at FP8_SPEEDUP x the bf16 rate: a lead, then row kernels:
-            # fc1 GELU in place and the quantizer over the hidden activation; proj/fc2 the
-            # residual + norm kernel writing e4m3), as the tuned table picks.
-            quant = memory_us(card, rows * c * (el + 1) + rows * c / 128 * 4)
-            quant_h = memory_us(card, rows * h * (el + 1) + rows * h / 128 * 4)
-            res_norm_fp8 = memory_us(card, rows * c * (3 * el + 1) + rows * c / 128 * 4)
-            out[name]["fast fp8"] = dict(
-                qkv=min(gemm_pred["fp8_linear"][name], qkv / FP8_SPEEDUP), qk_norm=qk_min, attention=att,
-                quantize_attention=quant,
-                proj_residual_norm2=min(gemm_pred["fp8_linear_residual[proj]"][name] + quant,
-                                        proj / FP8_SPEEDUP + res_norm_fp8),
-                fc1_gelu=min(gemm_pred["fp8_linear_gelu"][name], fc1 / FP8_SPEEDUP + gelu + quant_h),
-                fc2_residual_next_norm=min(gemm_pred["fp8_linear_residual[fc2]"][name] + quant,
-                                           fc2 / FP8_SPEEDUP + res_norm_fp8))
     return out

@@ -51,7 +51,7 @@ from internvit_fast.kernels import REGISTRY
 from internvit_fast.kernels.common import INTERPRETING
 from internvit_fast.kernels.gemm import EPILOGUES
 from internvit_fast.kernels.launch import LaunchPlan, Meta, Target
-from internvit_fast.kernels.registry import KernelSpec, main_shape
+from internvit_fast.kernels.registry import KernelSpec, Shape, main_shape
 from internvit_fast.kernels.launch import table
 
 # The cards the gate builds for: Hopper (H100/H200: 132 SMs) and the A100 (108).
@@ -394,9 +394,11 @@ def cuda_libdevice() -> str:
                             "or set INTERNVIT_FAST_LIBDEVICE to a libdevice.10.bc")
 
 
-def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]:
+def predicted_gemm_us(plan: LaunchPlan, rec: dict, cards: Optional[Dict[str, dict]] = None
+                      ) -> Optional[Dict[str, float]]:
     """The cost model's microseconds (costs.gemm_us) per Hopper card for one GEMM plan, from
-    its shape and launch and what its sm_90 build record read off the SASS."""
+    its shape and launch and what its sm_90 build record read off the SASS. ``cards``: the
+    cards' rates (default costs.CARDS, the measured ones; costs.card_at for a range's ends)."""
     c, a = plan.constexprs, plan.args
     m, n, k = a["M"], a["N"], a["K"]
     el = plan.dtype.itemsize  # a and w (e4m3 for an FP8 GEMM)
@@ -412,7 +414,7 @@ def predicted_gemm_us(plan: LaunchPlan, rec: dict) -> Optional[Dict[str, float]]
                                       rec.get("serial_waits_before_mma") or 0, bool(c.get("FLATTEN")), moved,
                                       tensor_cores=c.get("DOT_PRECISION") != "ieee",
                                       fp8=bool(c.get("SCALED")), stream_k=bool(c.get("STREAM_K"))), 1)
-            for name, card in costs.CARDS.items()}
+            for name, card in (cards or costs.CARDS).items()}
 
 
 def candidate_plans(kernel: KernelSpec, arch: int) -> List[LaunchPlan]:
@@ -462,31 +464,74 @@ def predictions(arch: int = 90) -> Dict[str, Dict[str, float]]:
     return {t["kernel"]: t["predicted_us"] for t in traffic(REGISTRY, records) if t.get("predicted_us")}
 
 
-def print_block(moved: List[dict], out=sys.stdout) -> int:
-    """The per-block table of the cost model at the main shape: eager, torch.compile, fast,
-    and the fast path's floor (costs.block_table)."""
-    pred = {t["kernel"]: t["predicted_us"] for t in moved if "predicted_us" in t}
-    need = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
-    if any(k not in pred for k in need):
-        print("tools.gate --block: needs the sm_90 builds of " + ", ".join(need), file=sys.stderr)
-        return 2
-    table = costs.block_table(pred, main_shape())
-    for card, paths in table.items():
-        print(f"\n== one block at {main_shape().label()} (504x504 UPerNet, batch 4), {card}: predicted us ==", file=out)
-        for path, ops in paths.items():
-            total = sum(ops.values())
-            parts = ", ".join(f"{op} {us:.0f}" for op, us in ops.items())
-            print(f"{path:<14} {total:7.0f} us  ({parts})", file=out)
-        e, c, f = (sum(paths[p].values()) for p in ("eager", "torch.compile", "fast"))
-        print(f"fast vs eager x{e / f:.2f}, vs torch.compile x{c / f:.2f}", file=out)
-        pairs = costs.fused_vs_unfused(pred, main_shape())[card]
-        print("fused vs unfused: " + ", ".join(f"{op} {a:.0f} vs {b:.0f} us" for op, (a, b) in pairs.items()), file=out)
-        print(f"fast floor (GEMMs at cuBLAS's rate, no tile quantization, epilogues free) vs torch.compile "
-              f"x{c / sum(paths['fast floor'].values()):.3f}: the most this design can reach", file=out)
-        if "fast fp8" in paths:
-            f8 = sum(paths["fast fp8"].values())
-            print(f"fast fp8 vs fast x{f / f8:.2f}, vs torch.compile x{c / f8:.2f}", file=out)
-    return 0
+def block_predictions(batch: int, tokens: int, arch: int = 90) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """The fused GEMMs (bf16 and FP8) as the launchers plan them at ``batch`` x ``tokens`` rows,
+    built for sm_<arch>, predicted at both ends of the rates: {end: {kernel: {card: us}}}."""
+    shape, tgt = Shape(batch * tokens), target(arch)
+    out = {end: {} for end in costs.ENDS}
+    for kernel in REGISTRY:
+        if kernel.id not in costs.FUSED_GEMMS + costs.FP8_GEMMS:
+            continue
+        plan = kernel.plan_for(kernel.make_inputs(shape, "meta"), tgt)
+        rec = build(kernel, plan, arch)
+        if rec.get("epilogue_instructions") is None:
+            continue
+        for end in costs.ENDS:
+            pred = predicted_gemm_us(plan, rec, {n: costs.card_at(n, end) for n in costs.CARDS})
+            if pred:
+                out[end][kernel.id] = pred
+    return out
+
+
+def _span(lo_hi) -> str:
+    lo, hi = lo_hi
+    return f"{lo:.0f}-{hi:.0f}"
+
+
+def print_block(model: dict, out=sys.stdout) -> None:
+    """The block table (costs.block_model) as text: per card, each op's range per path, totals."""
+    for card in costs.CARDS:
+        print(f"\n== one block, batch {model['batch']} x {model['tokens']} tokens, {card}: predicted us, "
+              f"[fast rates - slow rates] (fused GEMMs: {model['fused_gemms']}) ==", file=out)
+        print(f"{'op':<10} {'GFLOP':>8} {'MB':>8}  " + "  ".join(f"{p:>11}" for p in costs.PATHS), file=out)
+        for op in model["ops"]:
+            print(f"{op['op']:<10} {op['flops'] / 1e9:>8.1f} {op['bytes'] / 1e6:>8.1f}  "
+                  + "  ".join(f"{_span(op['us'][card][p]):>11}" for p in costs.PATHS), file=out)
+        tot = model["total"][card]
+        print(f"{'total':<10} {'':>8} {'':>8}  " + "  ".join(f"{_span(tot[p]):>11}" for p in costs.PATHS), file=out)
+        ratio = {p: (tot["compile"][0] / tot[p][0], tot["compile"][1] / tot[p][1]) for p in ("fast", "fp8")}
+        print(f"vs torch.compile: fast x{ratio['fast'][0]:.3f}-{ratio['fast'][1]:.3f}, "
+              f"fp8 x{ratio['fp8'][0]:.2f}-{ratio['fp8'][1]:.2f} (same ends of the rates)", file=out)
+    print("\nrates (low-high) and their sources:", file=out)
+    for k, v in model["rates"]["h100"].items():
+        print(f"  {k}: {v['low']}-{v['high']} (H100; H200: {model['rates']['h200'][k]['low']}-"
+              f"{model['rates']['h200'][k]['high']}): {v['source']}", file=out)
+
+
+CROPS = (448, 504, 672, 896)
+CROP_BATCHES = (1, 4, 8)
+
+
+def crop_table(arch: int = 90) -> List[dict]:
+    """Per crop size and batch: the block model with the fused GEMMs built at that shape, and
+    costs.crop_model's ms (blocks, + FPN, + UPerNet head)."""
+    rows = []
+    for img in CROPS:
+        tokens = (img // 14) ** 2 + 1
+        for b in CROP_BATCHES:
+            rows.append(costs.crop_model(img, b, costs.block_model(b, tokens, block_predictions(b, tokens, arch))))
+    return rows
+
+
+def print_crops(rows: List[dict], out=sys.stdout) -> None:
+    for card in costs.CARDS:
+        print(f"\n== per batch of crops, {card}: predicted ms [fast rates - slow rates]; backbone (48 blocks) + FPN "
+              f"| + UPerNet head ==", file=out)
+        print(f"{'crop':>5} {'batch':>5} {'tokens':>6}  " + "  ".join(f"{p:>23}" for p in costs.PATHS), file=out)
+        for r in rows:
+            cells = [f"{_span(r['ms'][card][p]['backbone_fpn'])} | {_span(r['ms'][card][p]['segmentor'])}"
+                     for p in costs.PATHS]
+            print(f"{r['img']:>5} {r['batch']:>5} {r['tokens']:>6}  " + "  ".join(f"{c:>23}" for c in cells), file=out)
 
 
 def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
@@ -526,12 +571,29 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", action="store_true",
                     help="build the tuner's candidates at the main shape instead of the launchers' plans")
     ap.add_argument("--block", action="store_true",
-                    help="also print the cost model's per-block table (eager, torch.compile, fast) at the main shape")
+                    help="instead of the gate: the cost model's block table (ops x eager, compile, fast, fp8 as "
+                         "ranges), its fused GEMMs built at --batch x --tokens (--json: as one JSON object)")
+    ap.add_argument("--crops", action="store_true",
+                    help="with --block: also the per-crop ms for 448/504/672/896 crops at batch 1/4/8")
+    ap.add_argument("--batch", type=int, default=4, help="--block's batch (default 4)")
+    ap.add_argument("--tokens", type=int, default=1297, help="--block's tokens per sequence (default 1297: 504 crops)")
     ap.add_argument("--kernels", nargs="+", metavar="ID", help="only these registry kernels (e.g. linear_gelu)")
     args = ap.parse_args(argv)
     if INTERPRETING:  # the kernels were built for the interpreter: nothing to compile
         print("tools.gate: TRITON_INTERPRET=1 is set; run it without the interpreter", file=sys.stderr)
         return 2
+    if args.block:
+        if args.batch < 1 or args.tokens < 1:
+            ap.error(f"--batch {args.batch} --tokens {args.tokens}: both must be at least 1")
+        model = costs.block_model(args.batch, args.tokens, block_predictions(args.batch, args.tokens, args.arch[0]))
+        crops = crop_table(args.arch[0]) if args.crops else None
+        if args.json:
+            print(json.dumps(dict(model, crops=crops) if crops else model, indent=1))
+        else:
+            print_block(model)
+            if crops:
+                print_crops(crops)
+        return 0
     kernels = REGISTRY
     if args.kernels:
         unknown = set(args.kernels) - {k.id for k in REGISTRY}
@@ -555,10 +617,7 @@ def main(argv=None) -> int:
     else:
         print_table(records, moved)
         print("\nFAILED:\n  " + "\n  ".join(failures) if failures else "\nall kernels compiled clean")
-    status = 1 if failures else 0
-    if args.block:  # (beside --json, on stderr: stdout stays one JSON document)
-        status = print_block(moved, sys.stderr if args.json else sys.stdout) or status
-    return status
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
