@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import launch, registry
-from .common import (FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, groups, on_device,
+from .common import (FLOAT_DTYPES, FP8, FP8_GROUP, as_rows, check_row_width, check_tensors, fp8_quantize_groups, groups, on_device,
                       rows_of)
 from .gemm import linear_launch
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
@@ -146,8 +146,9 @@ def plan_quantize(x: Meta, target: Target, config: Optional[dict] = None) -> Lau
 
 def quantize_launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: Optional[dict] = None) -> None:
     """Check the inputs, then write x's (M, K) e4m3 values into ``q`` and its scales into ``s``."""
-    check_tensors(OP, ("x", x))
-    check_tensors(OP, ("x", x), ("q", q), ("s", s), dtypes=(x.dtype, FP8, torch.float32))
+    check_tensors(OP, ("x", x), ("q", q), ("s", s), dtypes=FLOAT_DTYPES + (FP8,))  # once: types, one device
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{OP}: x has dtype {x.dtype}; expected one of {FLOAT_DTYPES}")
     if x.ndim != 2 or x.stride(1) != 1 and x.numel() > 1:
         raise ValueError(f"{OP}: x must be 2-D with unit column stride, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")

@@ -593,7 +593,9 @@ def linear_launch(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         residual = pre  # the same operand slot of the kernel
     elif pre is not None:
         raise ValueError(f"{op}: pre belongs to the gelu_grad epilogue")
-    check_tensors(op, *named, dtypes=FLOAT_DTYPES + (FP8,))
+    scales = [(name, t) for name, t in (("a_scale", a_scale), ("w_scale", w_scale), ("out_scale", out_scale))
+              if t is not None]
+    check_tensors(op, *named, *scales, dtypes=FLOAT_DTYPES + (FP8,))  # once: types, dtypes, one device
     if scaled:
         act = _check_fp8(op, a, weight, bias, out, epilogue, weight_kn, a_scale, w_scale, out_scale, act_dtype)
     else:
@@ -667,10 +669,8 @@ def _check_fp8(op, a, weight, bias, out, epilogue, weight_kn, a_scale, w_scale, 
     if weight_kn or epilogue == "gelu_grad":
         raise ValueError(f"{op}: the FP8 GEMM is for inference: no transposed weight, no gelu_grad")
     for name, t in (("a_scale", a_scale), ("w_scale", w_scale), ("out_scale", out_scale)):
-        if t is not None:
-            check_tensors(op, ("a", a), (name, t), dtypes=(torch.float32, FP8))
-            if t.dtype != torch.float32:
-                raise ValueError(f"{op}: {name} has dtype {t.dtype}; scales are float32")
+        if t is not None and t.dtype != torch.float32:  # (their type and device: checked with the rest)
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; scales are float32")
     if out_scale is None:
         return out.dtype
     if epilogue not in ("none", "gelu"):
