@@ -114,7 +114,7 @@ def linear_ref(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 # --- the kernel --------------------------------------------------------------------------
 
 @triton.jit
-def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(row-tile, column-tile) of ``tile`` in grouped order with balanced groups.
 
     The row-tiles are cut into cdiv(num_pid_m, GROUP_M) groups whose sizes differ by at
@@ -142,7 +142,7 @@ def _vector(P, cols, N):
 
 
 @triton.jit
-def _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+def operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
     """A (BLOCK_M, SUB_N) tile of X in its own dtype, by pointer loads. Issued before the main
     loop, nothing waits for them until the epilogue reads them; a TMA load would first wait on
     its barrier, a DRAM round trip before the tile's first MMA (the gate counts such waits)."""
@@ -227,11 +227,11 @@ def _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, o
     sub-tile; the gelu_grad operand is loaded here, one sub-tile at a time: loaded before the
     main loop it spilled)."""
     if EPILOGUE == EPI_GELU_GRAD:
-        x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
+        x0 = operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
     if EPI_SPLIT == 2:
         acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
         if EPILOGUE == EPI_GELU_GRAD:
-            x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
+            x1 = operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
         _finish(acc0, x0, bias0, gamma0, Y, Y_SCALE, off_m, off_n, M, N, stride_ym, BLOCK_M, SUB_N, EPILOGUE,
                 HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)
         _finish(acc1, x1, bias1, gamma1, Y, Y_SCALE, off_m, off_n + SUB_N, M, N, stride_ym, BLOCK_M, SUB_N,
@@ -242,14 +242,14 @@ def _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, o
 
 
 def cuts_tiles(tiles: int, programs: int, k: int, block_k: int) -> bool:
-    """Whether stream-K cuts a tile (_stream_k_ranges): more tiles than programs, not a whole
+    """Whether stream-K cuts a tile (stream_k_ranges): more tiles than programs, not a whole
     number of rounds of them, and more than one K-step per tile (else every program's range
     is whole tiles). Where it does not, the kernel never touches the workspace or counters."""
     return tiles > programs and tiles % programs != 0 and k > block_k
 
 
 @triton.jit
-def _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS: tl.constexpr):
+def stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS: tl.constexpr):
     """Program pid's share of the tiles under stream-K: (dp_tiles, dp_units, sk_lo, sk_hi, units).
 
     When the tiles are not a whole number of rounds of the grid, the last
@@ -270,7 +270,7 @@ def _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS: tl.constexpr):
 
 
 @triton.jit
-def _work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS: tl.constexpr):
+def work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS: tl.constexpr):
     """Stream-K: (tile, first K-step, end K-step) of a program's u-th unit of work. The first
     ``dp_units`` are whole tiles, pid + u * PROGRAMS (the data-parallel rounds); then the
     program's contiguous range [sk_lo, sk_hi) of the remaining tiles' K-steps, numbered tile
@@ -285,7 +285,7 @@ def _work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS: tl.c
 
 
 @triton.jit
-def _meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A piece of a split tile: store its fp32 partial sum in its half of the tile's workspace
     slot and count it in. Returns (acc plus the other piece's, True) to the piece counted
     second, which finishes the tile; (acc, False) to the first. Nothing waits for the other
@@ -321,7 +321,7 @@ def _linear_kernel(
     M, N, K,
     stride_am, stride_wn, stride_xm, stride_ym,  # pointer path only; unit column strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,  # row-tiles per group (see _tile_coords)
+    GROUP_M: tl.constexpr,  # row-tiles per group (see tile_coords)
     EPI_SPLIT: tl.constexpr,  # 1 or 2 column sub-tiles in the epilogue
     PROGRAMS: tl.constexpr,  # the persistent grid (SMs x CTAS_PER_SM): program p runs tiles p, p + PROGRAMS, ...
     FLATTEN: tl.constexpr,  # let Triton's pipeliner flatten the tile loop into the main loop (next tile's loads overlap the epilogue)
@@ -346,19 +346,19 @@ def _linear_kernel(
     if REVERSE_PROGRAMS:  # (the interpreter runs programs in order: this makes split tiles' pieces meet the other way)
         pid = tl.num_programs(0) - 1 - pid
     if STREAM_K:
-        dp_tiles, dp_units, sk_lo, sk_hi, units = _stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
+        dp_tiles, dp_units, sk_lo, sk_hi, units = stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
     else:
         units = tl.cdiv(num_tiles - pid, PROGRAMS)
     for u in tl.range(0, units, flatten=FLATTEN):
         if STREAM_K:
-            tile, k_lo, k_hi = _work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
+            tile, k_lo, k_hi = work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
             whole = (k_lo == 0) & (k_hi == k_tiles)
         else:
             tile = pid + u * PROGRAMS
             k_lo = 0
             k_hi = k_tiles
             whole = True
-        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         # The epilogue's operands first: their loads complete while the main loop runs.
@@ -373,14 +373,14 @@ def _linear_kernel(
         if HAS_GAMMA:
             gamma0 = _vector(GAMMA, cols, N)
         if EPILOGUE == EPI_RESIDUAL:  # (the gelu_grad operand waits for the epilogue)
-            x0 = _operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
+            x0 = operand_tile(X, off_m, off_n, M, N, stride_xm, BLOCK_M, SUB_N)
         if EPI_SPLIT == 2:
             if HAS_BIAS:
                 bias1 = _vector(BIAS, cols + SUB_N, N)
             if HAS_GAMMA:
                 gamma1 = _vector(GAMMA, cols + SUB_N, N)
             if EPILOGUE == EPI_RESIDUAL:
-                x1 = _operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
+                x1 = operand_tile(X, off_m, off_n + SUB_N, M, N, stride_xm, BLOCK_M, SUB_N)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
@@ -437,7 +437,7 @@ def _linear_kernel(
                 # The piece that starts the tile ends program pid's range: slot pid (the edge
                 # between programs pid and pid + 1); the one that ends it starts the range: slot pid - 1.
                 mine = (k_lo > 0).to(tl.int32)
-                acc, finish = _meet_partial(acc, WORKSPACE, COUNTERS, pid - mine, mine, BLOCK_M, BLOCK_N)
+                acc, finish = meet_partial(acc, WORKSPACE, COUNTERS, pid - mine, mine, BLOCK_M, BLOCK_N)
             if finish:
                 _epilogue(acc, x0, x1, bias0, bias1, gamma0, gamma1, X, Y, Y_SCALE, off_m, off_n, M, N, stride_xm,
                           stride_ym, BLOCK_M, SUB_N, EPI_SPLIT, EPILOGUE, HAS_BIAS, HAS_GAMMA, USE_TMA, QUANT_OUT, ACT)

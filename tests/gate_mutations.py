@@ -3,7 +3,7 @@ gate script; Triton's JIT needs them in a file, not in ``python -c``)."""
 import triton
 import triton.language as tl
 
-from internvit_fast.kernels.gemm import _meet_partial
+from internvit_fast.kernels.gemm import meet_partial
 
 
 @triton.jit
@@ -52,5 +52,5 @@ def libdevice_erf(x):
 def meet_partial_start_poisons(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stream-K's meeting, except that a tile finished by its starting piece (mine == 0) comes
     out NaN: shows a test which piece finished each cut tile."""
-    acc, second = _meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M, BLOCK_N)
+    acc, second = meet_partial(acc, WORKSPACE, COUNTERS, slot, mine, BLOCK_M, BLOCK_N)
     return tl.where(second & (mine == 0), float("nan"), acc), second

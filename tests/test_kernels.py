@@ -297,7 +297,7 @@ def test_tile_order_covers_every_tile_once_in_balanced_groups(device):
     @triton.jit
     def coords(OUT, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
         t = tl.program_id(0)
-        pm, pn = gemm._tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
+        pm, pn = gemm.tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
         tl.store(OUT + 2 * t, pm)
         tl.store(OUT + 2 * t + 1, pn)
 
@@ -347,9 +347,9 @@ def test_stream_k_schedule_covers_every_k_step_once(device):
     @triton.jit
     def schedule(OUT, num_tiles, k_tiles, MAX_UNITS: tl.constexpr, PROGRAMS: tl.constexpr):
         pid = tl.program_id(0)
-        dp_tiles, dp_units, sk_lo, sk_hi, units = gemm._stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
+        dp_tiles, dp_units, sk_lo, sk_hi, units = gemm.stream_k_ranges(num_tiles, k_tiles, pid, PROGRAMS)
         for u in range(units):
-            tile, k_lo, k_hi = gemm._work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
+            tile, k_lo, k_hi = gemm.work_unit(u, pid, dp_units, sk_lo, sk_hi, dp_tiles, k_tiles, PROGRAMS)
             row = OUT + (pid * MAX_UNITS + u) * 3
             tl.store(row, tile)
             tl.store(row + 1, k_lo)
@@ -428,7 +428,7 @@ def test_reverse_programs_turns_the_meeting_round(monkeypatch):
     by their starting piece tells them apart). Without this the either-order test could
     pass with the knob doing nothing."""
     from gate_mutations import meet_partial_start_poisons
-    monkeypatch.setattr(gemm, "_meet_partial", meet_partial_start_poisons)
+    monkeypatch.setattr(gemm, "meet_partial", meet_partial_start_poisons)
     m, k, n = 100, 112, 50
     a, w, b = _gemm_inputs(m, k, n, torch.bfloat16, "cpu")
     base = dict(SMALL_TILES, STREAM_K=True)

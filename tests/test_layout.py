@@ -1,7 +1,7 @@
 """The house rules of the layout (docs/layout.md), read off the source with ``ast``:
 nothing under kernels/ imports internvit_fast; no module of the package, the kernels, the
-tools or the benchmarks imports a private (``_name``) function or class of another of the
-project's modules; no import circles among the project's modules; only internvit_fast/mmseg/
+tools, the benchmarks or the tests imports a private (``_name``) function or class of another
+of the project's modules; no import circles among the project's modules; only internvit_fast/mmseg/
 imports mmseg, mmcv or mmengine; the wheel's package list holds no developer tool."""
 import ast
 import os
@@ -10,7 +10,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOMS = ("internvit_fast", "kernels", "tools", "benchmarks")
+ROOMS = ("internvit_fast", "kernels", "tools", "benchmarks", "tests")
 
 
 def module_name(path: str) -> str:

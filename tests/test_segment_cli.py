@@ -146,17 +146,17 @@ def test_overlay_blends_the_palette_and_names_the_classes(tmp_path):
 
 
 def test_output_names_never_collide_or_overwrite_inputs(tmp_path):
-    from internvit_fast.cli.segment import _first_line, _stems
+    from internvit_fast.cli.segment import first_line, output_stems
     folder = tmp_path / "in"
     folder.mkdir()
     paths = [str(folder / n) for n in ("a-2.png", "a.jpg", "a.png", "A.png", "b.png", "b_labels.png")]
     for p in paths:
         open(p, "wb").close()
-    stems = _stems(paths, str(folder))  # --out is the input folder
+    stems = output_stems(paths, str(folder))  # --out is the input folder
     assert len({s.lower() for s in stems}) == len(stems)
     assert stems[:4] == ["a-2", "a", "a-3", "A-4"]
     assert stems[4] == "b-2"  # b_labels.png is an input: b.png's labels go elsewhere
-    assert _first_line(MemoryError()) == "MemoryError"  # an exception without a message
+    assert first_line(MemoryError()) == "MemoryError"  # an exception without a message
 
 
 def test_segment_refuses_fifos_and_never_writes_through_a_link(tmp_path, images):

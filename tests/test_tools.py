@@ -243,12 +243,12 @@ GATE_SCRIPT = """if True:
         sys.path.insert(0, "tests")
         from gate_mutations import tma_operand_tile
         from internvit_fast.kernels import gemm
-        gemm._operand_tile = tma_operand_tile
+        gemm.operand_tile = tma_operand_tile
     if want == "relaxed":  # the gate's residual plan is stream-K (the sm_90 default)
         sys.path.insert(0, "tests")
         from gate_mutations import meet_partial_relaxed
         from internvit_fast.kernels import gemm
-        gemm._meet_partial = meet_partial_relaxed
+        gemm.meet_partial = meet_partial_relaxed
     sys.exit(cc.main(["--arch", "90"]))
 """
 
@@ -530,7 +530,7 @@ def test_ptx_eval_runs_libdevice_erf_and_rounds_once():
     a, b, c = (rng.standard_normal(20000).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, 20000)
                .astype(np.float32) for _ in range(3))
     c[:5000] = -(a[:5000].astype(np.float64) * b[:5000]).astype(np.float32)  # cancellation
-    got = ptx_eval._fma(a, b, c)
+    got = ptx_eval.fma_f32(a, b, c)
     for i in range(0, 20000, 7):
         exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
         lo = np.float32(float(exact))  # within a step of the correctly rounded value
@@ -543,7 +543,7 @@ def test_ptx_eval_runs_libdevice_erf_and_rounds_once():
                             ((18631, 1801 * 2.0 ** 103, -1), 0x7F7FFFFF), ((-1, 0, 0), 0), ((-1, 0, -0.0), 0x80000000),
                             ((2 ** -75, 2 ** -75, 0), 0), ((2 ** -75, 1.5 * 2 ** -75, 0), 1),
                             ((-(2 ** -75), 1.5 * 2 ** -75, -0.0), 0x80000001)]:
-        r = ptx_eval._fma(*(np.array([v], dtype=np.float32) for v in (x, y, z)))
+        r = ptx_eval.fma_f32(*(np.array([v], dtype=np.float32) for v in (x, y, z)))
         assert int(r.view(np.uint32)[0]) == bits, ((x, y, z), hex(int(r.view(np.uint32)[0])), hex(bits))
     p = run("-c", "import numpy as np, sys; sys.path.insert(0, 'tests');"
             "from tools import gate as cc, ptx_eval; from gate_mutations import libdevice_erf;"

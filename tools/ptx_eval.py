@@ -72,7 +72,7 @@ def _sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _round32(s, err)
 
 
-def _fma(a, b, c):
+def fma_f32(a, b, c):
     return _sum(a.astype(np.float64) * b.astype(np.float64), c.astype(np.float64))  # the product is exact
 
 
@@ -223,7 +223,7 @@ def _evaluate(ptx: str, x: np.ndarray) -> np.ndarray:
             elif base == "fma":
                 if "rn" not in parts:
                     raise PtxError(f"{line!r}: an fma without .rn")
-                r = _fma(*a)
+                r = fma_f32(*a)
             elif base == "abs":
                 r = np.abs(a[0])
             elif base == "neg":

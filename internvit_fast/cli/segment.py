@@ -90,7 +90,7 @@ def show(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
@@ -148,7 +148,7 @@ def save_outputs(image: torch.Tensor, labels: torch.Tensor, stem: str, out: str)
     return {"classes": [{"id": i, "name": CLASSES[i], "share": round(s, 5)} for i, s in present]}
 
 
-def _stems(paths: List[str], out: str) -> List[str]:
+def output_stems(paths: List[str], out: str) -> List[str]:
     """Output names: the file name without its extension, numbered (-2, -3, ...) where it is
     taken already (by another input, ignoring case, or by an input's own path, when --out
     is an input folder)."""
@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None, command_line: bool = False) -> int:
         print(f"{ap.prog}: no --checkpoint: the weights are random, so the masks mean nothing "
               "(it shows the command runs)", file=sys.stderr)
     records, failed = [], 0
-    bar = tqdm(list(zip(args.images, _stems(args.images, args.out))), unit="image", file=sys.stderr,
+    bar = tqdm(list(zip(args.images, output_stems(args.images, args.out))), unit="image", file=sys.stderr,
                disable=None)  # None: no bar when stderr is not a terminal
     for path, stem in bar:
         t0 = time.perf_counter()
@@ -204,8 +204,8 @@ def main(argv: Optional[List[str]] = None, command_line: bool = False) -> int:
             info = save_outputs(image, labels, stem, args.out)
         except Exception as e:  # noqa: BLE001 - one bad image is reported, the others go on
             failed += 1
-            tqdm.write(f"{ap.prog}: {show(path)}: skipped ({_first_line(e)})", file=sys.stderr)
-            records.append(dict(image=path, error=_first_line(e)))
+            tqdm.write(f"{ap.prog}: {show(path)}: skipped ({first_line(e)})", file=sys.stderr)
+            records.append(dict(image=path, error=first_line(e)))
             continue
         seconds = time.perf_counter() - t0
         records.append(dict(image=path, size=list(image.shape[1:]), seconds=round(seconds, 3),
