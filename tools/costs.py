@@ -143,12 +143,6 @@ def gemm_us(card: dict, m: int, n: int, k: int, block_m: int, block_n: int, bloc
     return max(rounds * per_tile + meeting, bytes_moved / (card["copy_gbs"] * 1e3))
 
 
-def cublas_us(card: dict, m: int, n: int, k: int) -> float:
-    """A cuBLAS GEMM (the unfused alternatives' and torch.compile's): its FLOPs at the
-    measured matmul rate, which cuBLAS reaches on large GEMMs."""
-    return 2.0 * m * n * k / (card["matmul_tflops"] * 1e6)
-
-
 def memory_us(card: dict, bytes_moved: float) -> float:
     """A memory-bound kernel: its bytes at the measured copy bandwidth."""
     return bytes_moved / (card["copy_gbs"] * 1e3)
@@ -385,21 +379,3 @@ def crop_model(img: int, batch: int, block: dict, depth: int = 48, patch: int = 
                            segmentor=[round(b + f + hd, 2) for b, f, hd in zip(blocks, fpn_ms, head_ms)])
         out[name] = rows
     return dict(img=img, batch=batch, tokens=g * g + 1, ms=out)
-
-
-def fused_vs_unfused(gemm_pred: Dict[str, Dict[str, float]], s: Shape) -> Dict[str, Dict[str, Tuple[float, float]]]:
-    """Each fused GEMM op of the fast block and its unfused alternative, predicted per card:
-    {card: {op: (fused us, unfused us)}}. Fused: the gate's prediction of the GEMM with its
-    epilogue, plus the norm of the new residual stream (a row kernel: no output tile holds a
-    whole 3200-wide row). Unfused: cuBLAS, then the row kernels at their minimum bytes (GELU in
-    place; the residual add fused with the norm)."""
-    el, rows, c, h = s.el, s.rows, s.width, s.hidden
-    out = {}
-    for name, card in CARDS.items():
-        norm, res_norm = memory_us(card, 2 * rows * c * el), memory_us(card, 4 * rows * c * el)
-        out[name] = dict(
-            proj_residual_norm2=(gemm_pred["linear_residual[proj]"][name] + norm, cublas_us(card, rows, c, c) + res_norm),
-            fc1_gelu=(gemm_pred["linear_gelu"][name], cublas_us(card, rows, h, c) + memory_us(card, 2 * rows * h * el)),
-            fc2_residual_next_norm=(gemm_pred["linear_residual[fc2]"][name] + norm,
-                                    cublas_us(card, rows, c, h) + res_norm))
-    return out
