@@ -151,18 +151,20 @@ def _take(t, rows: int, idx: torch.Tensor):
 
 
 def spec_ok(spec, inputs: dict, got: Dict[str, torch.Tensor], reference, rows: int,
-            exact_cache: dict = None) -> parity.Verdict:
+            exact_cache: dict = None, judge=None) -> parity.Verdict:
     """Whether ``got`` (a kernel's outputs for ``inputs``) meets the parity rule, computed
     cheaply: outputs with one row per token are checked on ``check_rows`` against references
     computed from those rows alone (a GEMM's float64 reference on 256 rows instead of
     5188); other outputs (column sums of a backward) against a full reference, computed once
-    per input set (``exact_cache``, keyed by the inputs' identity)."""
+    per input set (``exact_cache``, keyed by the inputs' identity). ``judge``: an assertion
+    over (outputs, inputs) instead (default: the spec's own, where ``reference`` is the spec's)."""
     from internvit_fast.kernels.registry import float64
     idx = check_rows(rows)
     sub = {k: _take(v, rows, idx) for k, v in inputs.items()}
-    if spec.judge is not None and reference is spec.reference:  # FP8: the spec's own judge, on the rows
+    judge = judge or (spec.judge if reference is spec.reference else None)
+    if judge is not None:  # FP8: the spec's own judge, on the rows
         try:
-            spec.judge({k: _take(v, rows, idx) for k, v in got.items()}, sub)
+            judge({k: _take(v, rows, idx) for k, v in got.items()}, sub)
         except AssertionError as e:
             print(f"{spec.id}: {e}", file=sys.stderr)
             return parity.Verdict(False, float("inf"), 0.0, 0.0, True)

@@ -97,7 +97,8 @@ def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:
                     for impl, fn in (("fused", lambda i, c=best[1]: spec.choice.fused(i, c)),
                                      ("unfused", spec.choice.unfused)):
                         try:  # (cuBLASLt's block-scaled FP8 GEMM runs on sm_90 only, with torch >= 2.9)
-                            verdict = harness.spec_ok(spec, sets[0], fn(sets[0]), ref, shape.rows)
+                            judge = spec.choice.unfused_judge if impl == "unfused" else None
+                            verdict = harness.spec_ok(spec, sets[0], fn(sets[0]), ref, shape.rows, judge=judge)
                             if not verdict.ok:
                                 log.append(f"{spec.id} M={shape.rows} {impl}: wrong result ({verdict})")
                                 continue

@@ -122,7 +122,11 @@ def convert_block(block: nn.Module) -> None:
 
 
 def is_fp8(block: nn.Module) -> bool:
-    return isinstance(block.get_submodule(LAYERS[0]), Fp8Linear)
+    return is_fp8_layer(block.get_submodule(LAYERS[0]))
+
+
+def is_fp8_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, Fp8Linear)
 
 
 def check_card(device: torch.device) -> None:

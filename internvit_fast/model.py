@@ -21,7 +21,10 @@ from torch import nn
 from . import attention, fp8, graphs
 from .posembed import resize_pos_table  # noqa: F401 - part of this module's API
 from .kernels import attention_residual, mlp_residual, qk_norm
+from .kernels.attention_fp8 import attend_fp8, takes as fp8_attention_takes
 from .kernels.block_ops import linear, norm_input
+from .kernels.common import FP8_GROUP
+from .kernels.fp8 import Fp8Activation
 
 logger = logging.getLogger("internvit_fast")
 
@@ -103,6 +106,7 @@ class Attention(nn.Module):
         # Over the full C-wide q and k (all heads together), not per head.
         self.q_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
         self.k_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
+        self.fp8_attention = None  # InternViT6B.fp8_attention: None (the tuned table), True, False
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, N, C) q, k, v (any row strides) -> attention output (B, N, C), before proj."""
@@ -123,11 +127,23 @@ class Attention(nn.Module):
         norm1's output (for an FP8 model quantized, kernels.fp8.Fp8Activation)."""
         C = self.qkv.in_features
         qkv = linear(h, self.qkv)  # cuBLAS (or the FP8 GEMM)
+        if self._attends_in_fp8(qkv):  # q, k, v in e4m3 (kernels/attention_fp8.py)
+            quantized = fp8.is_fp8_layer(self.proj) and self.head_dim == FP8_GROUP  # written as proj's FP8 input
+            out, scale = attend_fp8(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.num_heads,
+                                    self.scale, quantized)
+            return Fp8Activation(out, scale, qkv.dtype) if quantized else out
         if self.qk_normalization:
             q, k = qk_norm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps).unbind(0)
         else:
             q, k = qkv[..., :C], qkv[..., C:2 * C]
         return self._attend(q, k, qkv[..., 2 * C:])
+
+    def _attends_in_fp8(self, qkv: torch.Tensor) -> bool:
+        """FP8 attention on the fast path of an FP8 model with QK-norm: where the kernel takes the
+        heads and the card, and fp8_attention is True, or None and the tuned table picks it."""
+        if self.fp8_attention is False or not self.qk_normalization or not fp8.is_fp8_layer(self.qkv):
+            return False
+        return fp8_attention_takes(qkv, self.num_heads, table=self.fp8_attention is None)
 
 
 class Mlp(nn.Module):
@@ -290,6 +306,7 @@ def _check_arguments(a: dict) -> None:
         need(isinstance(flash, bool), "use_flash_attn", "must be True, False or a list of one bool per block")
     need(a["dtype"] in _DTYPES, "dtype", f"not supported; expected one of {_DTYPES}")
     need(a["precision"] in fp8.PRECISIONS, "precision", f"must be one of {fp8.PRECISIONS}")
+    need(a["fp8_attention"] is None or isinstance(a["fp8_attention"], bool), "fp8_attention", "must be None (the tuned table), True or False")
     need(a["pretrained"] is None or isinstance(a["pretrained"], (str, os.PathLike)), "pretrained",
          "must be a checkpoint path or None")
     need(isinstance(a["cuda_graphs"], bool) or (_is_int(a["cuda_graphs"]) and a["cuda_graphs"] >= 0),
@@ -305,7 +322,10 @@ class InternViT6B(nn.Module):
     CUDA graphs, one per input shape (True: the last 2 shapes; an int N: the last N;
     see graphs.py); ``precision`` "bf16" (the model's dtype, the default) or "fp8": the
     blocks' linear layers with e4m3 weights and activations, for inference (see fp8.py; also
-    settable on a loaded model: ``model.precision = "fp8"``).
+    settable on a loaded model: ``model.precision = "fp8"``); ``fp8_attention``, for an FP8
+    model on the fast path: attention on e4m3 q, k and v too (kernels/attention_fp8.py) where
+    the card's tuned table picks it (None, the default; the FP8 kernel where nothing was
+    measured), always (True) or never (False); settable on a model.
     """
 
     def __init__(self, in_chans=3, patch_size=14, img_size=224, pretrain_size=224, qkv_bias=False,
@@ -313,7 +333,7 @@ class InternViT6B(nn.Module):
                  qk_normalization=True, depth=48, use_flash_attn=True, with_cp=True,
                  layerscale_force_fp32=False, out_indices=(7, 11, 15, 23), freeze_vit=False,
                  with_fpn=False, with_final_norm=False, pretrained=None, fast=False,
-                 dtype=torch.bfloat16, cuda_graphs=False, precision="bf16"):
+                 dtype=torch.bfloat16, cuda_graphs=False, precision="bf16", fp8_attention=None):
         super().__init__()
         if isinstance(dtype, str):  # configs (mmseg) name it: 'bfloat16', 'float16', 'float32'
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, dtype)
@@ -374,6 +394,7 @@ class InternViT6B(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.to(dtype)
 
+        self.fp8_attention = fp8_attention
         if pretrained is not None:
             from .checkpoint import load_checkpoint
             load_checkpoint(self, pretrained)
@@ -411,6 +432,17 @@ class InternViT6B(nn.Module):
         if value == "fp8":
             for blk in self.blocks:
                 fp8.convert_block(blk)
+
+    @property
+    def fp8_attention(self) -> Optional[bool]:
+        return self.blocks[0].attn.fp8_attention
+
+    @fp8_attention.setter
+    def fp8_attention(self, value: Optional[bool]) -> None:
+        if not (value is None or isinstance(value, bool)):  # (1 == True: not `in (None, True, False)`)
+            raise ValueError(f"fp8_attention={value!r}: must be None (the tuned table), True or False")
+        for blk in self.blocks:
+            blk.attn.fp8_attention = value
 
     def vit_parameters(self):
         """Every parameter except the FPN's (what freeze_vit freezes)."""

@@ -9,7 +9,8 @@ value (launch.py). ``REGISTRY`` lists what each kernel file states about itself
 over it.
 """
 # The modules first: importing an op named like its module (rms_norm) rebinds the name.
-from . import block_ops as _block_ops, fp8 as _fp8, gelu as _gelu, qk_norm as _qk_norm, rms_norm as _rms_norm
+from . import (attention_fp8 as _attention_fp8, block_ops as _block_ops, fp8 as _fp8, gelu as _gelu, qk_norm as _qk_norm,
+               rms_norm as _rms_norm)
 from .common import INTERPRETING, kernels_can_run_on
 from .block_ops import attention_residual, linear_gelu, linear_residual_norm, mlp_residual, mlp_residual_norm
 from .gelu import gelu_launch, gelu_ref
@@ -22,7 +23,8 @@ REGISTRY = [_rms_norm.SPEC, _rms_norm.RES_SPEC, _qk_norm.SPEC, _gelu.SPEC, _bloc
             # the backward kernels
             _rms_norm.BWD_SPEC, _block_ops.GELU_GRAD_SPEC,
             # FP8 inference (precision="fp8")
-            _fp8.NORM_SPEC, _fp8.RES_NORM_SPEC, _fp8.QUANT_SPEC, _fp8.QKV_SPEC, _fp8.GELU_SPEC, _fp8.PROJ_SPEC, _fp8.FC2_SPEC]
+            _fp8.NORM_SPEC, _fp8.RES_NORM_SPEC, _fp8.QUANT_SPEC, _fp8.QKV_SPEC, _fp8.GELU_SPEC, _fp8.PROJ_SPEC, _fp8.FC2_SPEC,
+            *_attention_fp8.SPECS]
 
 __all__ = [
     "INTERPRETING", "REGISTRY", "kernels_can_run_on",

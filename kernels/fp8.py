@@ -68,14 +68,16 @@ def _padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]))
 
 
-def quantize_ref(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x (..., K) in any float dtype -> (e4m3 (..., K), fp32 scales (..., K/128 rounded up))."""
+def quantize_ref(x: torch.Tensor, group: int = FP8_GROUP) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) in any float dtype -> (e4m3 (..., K), fp32 scales (..., K/group rounded up)):
+    one scale per ``group`` values along a row (128: the GEMMs' inputs; a head's width:
+    attention's q, k and v)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).float()
-    g = groups(k)
-    xg = _padded(x2, x2.shape[0], g * FP8_GROUP).view(-1, g, FP8_GROUP)
+    g = -(-k // group)
+    xg = _padded(x2, x2.shape[0], g * group).view(-1, g, group)
     s, inv = scale_ref(xg.abs().amax(-1))
-    q = (xg * inv[..., None]).to(FP8).view(-1, g * FP8_GROUP)[:, :k]
+    q = (xg * inv[..., None]).to(FP8).view(-1, g * group)[:, :k]
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], g)
 
 
@@ -90,10 +92,10 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), s.contiguous()
 
 
-def dequantize(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Activations (..., K) with (..., K/128) scales back to ``dtype`` (exact in fp32)."""
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32, group: int = FP8_GROUP) -> torch.Tensor:
+    """Activations (..., K) with (..., K/group) scales back to ``dtype`` (exact in fp32)."""
     k = q.shape[-1]
-    return (q.to(dtype) * s.to(dtype).repeat_interleave(FP8_GROUP, -1)[..., :k])
+    return (q.to(dtype) * s.to(dtype).repeat_interleave(group, -1)[..., :k])
 
 
 def dequantize_weight(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-EMBED, HIDDEN = 3200, 12800
+EMBED, HIDDEN, HEAD_DIM = 3200, 12800, 128
 TOKENS_504, TOKENS_448 = 1297, 1025
 BATCHES = (1, 2, 4, 8)
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # activations
@@ -37,6 +37,20 @@ class Shape:
 
     def label(self) -> str:
         return f"{DTYPE_NAMES[self.dtype]} M={self.rows}"
+
+    def sequences(self) -> Tuple[int, int]:
+        """(batch, tokens) of the rows for the ops that see sequences (attention): a batch of
+        504 or 448 crops where the rows are one, else one sequence of all the rows."""
+        for tokens in (TOKENS_504, TOKENS_448):
+            if self.rows % tokens == 0:
+                return self.rows // tokens, tokens
+        return 1, self.rows
+
+    def heads(self) -> Tuple[int, int]:
+        """(heads, head dim) attention runs at: InternViT's heads of 128 where the width takes
+        them, else heads of 32 (the small test widths), at least one."""
+        dim = HEAD_DIM if self.width % HEAD_DIM == 0 else 32
+        return max(1, self.width // dim), dim
 
 
 def segmentation_shapes(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[Shape]:
@@ -64,6 +78,9 @@ class Choice:
     fused: Callable[[dict, Optional[dict]], Dict[str, torch.Tensor]]
     unfused: Callable[[dict], Dict[str, torch.Tensor]]
     describe_unfused: str
+    # judge(outputs, inputs) for the unfused alternative where it states other numerics than
+    # the spec's own (bf16 attention beside FP8 attention); None: the spec's judge or reference
+    unfused_judge: Optional[Callable[[dict, dict], None]] = None
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_attention_time_is_linear_in_batch_and_quadratic_in_tokens():
 
 def test_every_rate_has_a_source_and_a_range():
     for card, rates in costs.RATES.items():
-        assert set(rates) == {"matmul", "attention", "fp8_speedup", "copy"}
+        assert set(rates) == {"matmul", "attention", "fp8_speedup", "fp8_attention_speedup", "copy"}
         for name, r in rates.items():
             assert 0 < r.low <= r.high and len(r.source) > 40, (card, name)
         assert costs.card_at(card, "fast")["copy_gbs"] == costs.CARDS[card]["copy_gbs"]  # the measured end
@@ -192,7 +192,7 @@ def test_gate_block_json_at_any_batch_and_token_count():
     assert {"qkv", "qk_norm", "attention", "proj", "norm1", "norm2", "fc1", "fc2"} <= set(ops)
     assert ops["attention"]["flops"] == 8 * 4 * 2305 ** 2 * 3200
     for card in ("h100", "h200"):
-        assert set(ops["fc1"]["us"][card]) == {"eager", "compile", "fast", "fp8"}
+        assert set(ops["fc1"]["us"][card]) == {"eager", "compile", "fast", "fp8", "fp8_attn"}
         assert all(o["us"][card][p][0] <= o["us"][card][p][1] for o in b["ops"] for p in costs.PATHS)
     # #22's target by the model, at the main shape: each fused bf16 GEMM op ahead of its unfused
     # alternative on both cards (the model's choice; the tuned table's on a GPU)

@@ -242,6 +242,9 @@ def _fp8_copy(m: InternViT6B, **kw) -> InternViT6B:
     new = InternViT6B(**CFG, **kw).to(m.dtype)
     new.load_state_dict(m.state_dict())
     new.precision = "fp8"
+    # The FP8 GEMMs against Fp8Linear's plain torch here: attention stays bf16 on both paths
+    # (FP8 attention has its own tests, tests/test_attention_fp8.py)
+    new.fp8_attention = False
     return new
 
 
@@ -442,9 +445,10 @@ def test_precision_check_prints_the_table(capsys, monkeypatch):
     monkeypatch.setattr(os, "execve", restart)  # only the command line may
     assert precision_check.main(["--config", "small", "--batch", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["out_index"] for r in out["rows"]] == [0, 1, 2, 3] and out["fast"]
+    assert [r["out_index"] for r in out["rows"]] == [0, 1, 2, 3] and out["fast"] and out["fp8_attention"]
     for r in out["rows"]:
         assert 0 < r["fp8_vs_float64"]["rel"] < 0.05 and r["fp8_vs_bf16"]["cos"] > 0.999
+        assert 0 < r["fp8_attn_vs_float64"]["rel"] < 0.08 and r["fp8_attn_vs_bf16"]["cos"] > 0.995
 
 
 def test_mmseg_runner_loads_bf16_into_fp8_and_refuses_fp8_into_bf16(tmp_path):

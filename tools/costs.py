@@ -56,6 +56,14 @@ def counts(spec_id: str, s: Shape, plan=None) -> Tuple[int, int, int]:
     if spec_id == "quantize_fp8":  # reads a row, writes its e4m3 bytes and a scale per 128
         b = rows * width * (el + 1) + rows * triton.cdiv(width, 128) * 4
         return b, b, 0
+    if spec_id in ("qk_norm_fp8", "attention_fp8"):  # per sequence, heads of s.heads()
+        (batch, tokens), (heads, d) = s.sequences(), s.heads()
+        c = heads * d
+        if spec_id == "qk_norm_fp8":
+            b = qk_norm_fp8_bytes(batch, tokens, c, heads, el)
+            return b, b, 0
+        b = 3 * rows * c + 3 * rows * heads * 4 + rows * c * el  # q, k, v and scales read once, o written
+        return b, b, batch * 4 * tokens * tokens * c
     if spec_id.startswith("fp8_"):
         return _fp8_counts(spec_id, s, plan)
     n, k = _gemm_dims(spec_id, s)
@@ -168,13 +176,17 @@ _MATMUL = Rate(650.0, 790.0, "bf16 GEMM TFLOP/s: 790 measured (8192^3, cuBLAS, t
                              "650-780 public cuBLAS/CUTLASS figures on an H100 at M~5k, K=3200 (lead for our shapes)")
 _ATTENTION = Rate(450.0, 600.0, "bf16 SDPA TFLOP/s, head dim 128, non-causal: FlashAttention-3 paper (H100 SXM): "
                                 "FA3 565/625, cuDNN 574/617 at sequence 1k/2k; 1297 tokens and 25 heads lower (lead)")
+_FP8_ATTENTION = Rate(0.75, 1.45, "FP8 attention rate / bf16 SDPA rate (kernels/attention_fp8.py against cuDNN): "
+                                  "1.2-1.45 cuDNN's FP8 over its bf16 at head dim 128, sequence 1k/2k (FA3 paper, "
+                                  "H100: 751/886 vs 574/617 TFLOP/s); ours is a Triton FA2-shaped kernel without TMA "
+                                  "or warp specialization, which the FA3 paper puts well below cuDNN: 0.75 (lead)")
 _FP8 = Rate(1.3, 2.0, "FP8 GEMM rate / bf16 GEMM rate: 1.3-1.65 public fine-grained-scaled (1x128, 128x128) FP8 "
                       "GEMMs on H100/H800 at these sizes; 2.0 the datasheet's dense ratio (1979 vs 989 TFLOP/s)")
 RATES: Dict[str, Dict[str, Rate]] = {
-    "h100": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8,
+    "h100": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8, fp8_attention_speedup=_FP8_ATTENTION,
                  copy=Rate(2550.0, 3000.0, "GB/s read + written: 3000 measured device-to-device (H100); row kernels "
                                            "at 85% of it the low end (lead)")),
-    "h200": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8,
+    "h200": dict(matmul=_MATMUL, attention=_ATTENTION, fp8_speedup=_FP8, fp8_attention_speedup=_FP8_ATTENTION,
                  copy=Rate(3650.0, 4300.0, "GB/s read + written: 4300 measured device-to-device (H200); row kernels "
                                            "at 85% of it the low end (lead)")),
 }
@@ -186,7 +198,8 @@ def card_at(name: str, end: str) -> dict:
     r = RATES[name]
     pick = (lambda x: x.high) if end == "fast" else (lambda x: x.low)
     return dict(CARDS[name], matmul_tflops=pick(r["matmul"]), copy_gbs=pick(r["copy"]),
-                attention_tflops=pick(r["attention"]), fp8_speedup=pick(r["fp8_speedup"]))
+                attention_tflops=pick(r["attention"]), fp8_speedup=pick(r["fp8_speedup"]),
+                fp8_attention_speedup=pick(r["fp8_attention_speedup"]))
 
 
 # --- one block, op by op -------------------------------------------------------------------
@@ -197,7 +210,7 @@ def card_at(name: str, end: str) -> dict:
 # count 0); bytes are the least each op must read and write (its inputs, weights and outputs,
 # once). tests/test_tools.py ties both to independent counts on the reference block.
 OPS = ("norm1", "qkv", "qk_norm", "attention", "proj", "residual1", "norm2", "fc1", "gelu", "fc2", "residual2")
-PATHS = ("eager", "compile", "fast", "fp8")
+PATHS = ("eager", "compile", "fast", "fp8", "fp8_attn")  # fp8_attn: fp8 with attention in e4m3 too
 GEMM_OPS = ("qkv", "proj", "fc1", "fc2")
 FUSED_GEMMS = ("linear_gelu", "linear_residual[proj]", "linear_residual[fc2]")
 FP8_GEMMS = ("fp8_linear", "fp8_linear_gelu", "fp8_linear_residual[proj]", "fp8_linear_residual[fc2]")
@@ -255,6 +268,13 @@ def path_bytes(batch: int, tokens: int, width: int = 3200, hidden: int = 12800, 
         "fp8": dict(norm1=r * c * (el + 1) + r * math.ceil(c / 128) * 4 + c * el, qk_norm=counts["qk_norm"][1],
                     residual1=0, norm2=r * c * (el + 1) + r * math.ceil(c / 128) * 4 + c * el, gelu=0, residual2=0),
     }
+
+
+def qk_norm_fp8_bytes(batch: int, tokens: int, width: int = 3200, heads: int = 25, el: int = 2) -> int:
+    """qk_norm_fp8: q, k and v read, written in e4m3 (v transposed, its rows padded to 16
+    tokens) with a scale per token, head and tensor; the two norm weights."""
+    r, c = batch * tokens, width
+    return 3 * r * c * el + 2 * r * c + batch * c * (-(-tokens // 16) * 16) + 3 * r * heads * 4 + 2 * c * el
 
 
 def path_us(card: dict, batch: int, tokens: int, gemm_pred: Optional[Dict[str, float]] = None,
@@ -328,6 +348,10 @@ def path_us(card: dict, batch: int, tokens: int, gemm_pred: Optional[Dict[str, f
     else:  # unfused: cuBLASLt, then GELU and the quantizer over the hidden activation
         fp8.update(fc1=mm["fc1"] / k8, gelu=gelu + quant_h)
     out["fp8"] = fp8
+    # FP8 attention: QK-norm writes e4m3 q, k and v; the kernel's epilogue writes proj's e4m3
+    # input (no quantizer pass); its time at fp8_attention_speedup x the bf16 SDPA rate.
+    out["fp8_attn"] = dict(fp8, qk_norm=memory_us(card, qk_norm_fp8_bytes(batch, tokens, width, width // 128, el)),
+                           attention=att / card.get("fp8_attention_speedup", 1.0))
     return {p: {op: out[p][op] for op in OPS} for p in PATHS}
 
 

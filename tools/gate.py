@@ -499,9 +499,10 @@ def print_block(model: dict, out=sys.stdout) -> None:
                   + "  ".join(f"{_span(op['us'][card][p]):>11}" for p in costs.PATHS), file=out)
         tot = model["total"][card]
         print(f"{'total':<10} {'':>8} {'':>8}  " + "  ".join(f"{_span(tot[p]):>11}" for p in costs.PATHS), file=out)
-        ratio = {p: (tot["compile"][0] / tot[p][0], tot["compile"][1] / tot[p][1]) for p in ("fast", "fp8")}
+        ratio = {p: (tot["compile"][0] / tot[p][0], tot["compile"][1] / tot[p][1]) for p in ("fast", "fp8", "fp8_attn")}
         print(f"vs torch.compile: fast x{ratio['fast'][0]:.3f}-{ratio['fast'][1]:.3f}, "
-              f"fp8 x{ratio['fp8'][0]:.2f}-{ratio['fp8'][1]:.2f} (same ends of the rates)", file=out)
+              f"fp8 x{ratio['fp8'][0]:.2f}-{ratio['fp8'][1]:.2f}, fp8_attn x{ratio['fp8_attn'][0]:.2f}-"
+              f"{ratio['fp8_attn'][1]:.2f} (same ends of the rates)", file=out)
     print("\nrates (low-high) and their sources:", file=out)
     for k, v in model["rates"]["h100"].items():
         print(f"  {k}: {v['low']}-{v['high']} (H100; H200: {model['rates']['h200'][k]['low']}-"

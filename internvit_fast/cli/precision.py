@@ -4,7 +4,10 @@ Runs the backbone in bf16, then the same weights converted to FP8 (``model.preci
 "fp8"``), on the same inputs (the images of ``--images DIR``, resized to the model's size
 and normalised as upstream does, else random pixels), and prints per out_index the
 relative L2 error and the cosine similarity of the FP8 features against bf16 and, where a
-float64 copy fits (``--float64``, default on a CPU), against float64. This measures
+float64 copy fits (``--float64``, default on a CPU), against float64. FP8 runs both ways
+attention can go on the fast path: bf16 attention (``fp8``: the FP8 GEMMs alone) and FP8
+attention (``fp8_attn``: q, k, v and P in e4m3 too; ``fp8_attention=True``), where the
+kernels run and the heads allow it. This measures
 features; what FP8 does to a segmentation metric must be measured on the user's data
 (``python -m internvit_fast.mmseg test CONFIG CKPT --precision fp8`` gives the mIoU).
 """
@@ -79,24 +82,36 @@ def main(argv=None, command_line: bool = False) -> int:
         del ref64
     bf16 = _features(model, x)
     model.precision = "fp8"
-    fp8 = _features(model, x)
+    model.fp8_attention = False
+    runs = {"fp8": _features(model, x)}
+    from ..kernels.qk_norm import head_dim_problem
+    fp8_attn = fast and not head_dim_problem(cfg["embed_dim"], cfg["num_heads"])
+    if fp8_attn:
+        model.fp8_attention = True
+        runs["fp8_attn"] = _features(model, x)
     rows = []
-    for i, (vs_bf16, idx) in enumerate(zip(compare(fp8, bf16), model.out_indices)):
-        row = dict(out_index=idx, fp8_vs_bf16=vs_bf16)
+    for i, idx in enumerate(model.out_indices):
+        row = dict(out_index=idx)
+        for name, feats in runs.items():
+            row[f"{name}_vs_bf16"] = compare(feats, bf16)[i]
+            if exact is not None:
+                row[f"{name}_vs_float64"] = compare(feats, exact)[i]
         if exact is not None:
-            row["fp8_vs_float64"] = compare(fp8, exact)[i]
             row["bf16_vs_float64"] = compare(bf16, exact)[i]
         rows.append(row)
     result = dict(config=config, device=str(device), fast=fast, checkpoint=args.checkpoint, images=args.images,
-                  batch=int(x.shape[0]), rows=rows)
+                  batch=int(x.shape[0]), fp8_attention=fp8_attn, rows=rows)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     print(f"InternViT6B {config} on {device} ({'kernels' if fast else 'reference ops'}), "
           f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
           f"{args.images or 'random pixels'}, batch {x.shape[0]}")
-    cols = ["fp8_vs_bf16"] + (["fp8_vs_float64", "bf16_vs_float64"] if exact is not None else [])
-    print("out_index  " + "  ".join(f"{c:>26}" for c in cols))
+    if not fp8_attn:
+        print("(FP8 attention not run: " + ("the reference ops have none)" if not fast else
+                                           f"{head_dim_problem(cfg['embed_dim'], cfg['num_heads'])})"))
+    cols = [c for c in rows[0] if c != "out_index"]
+    print("out_index  " + "  ".join(f"{c:>26}" for c in cols))  # (fp8_attn: FP8 attention too)
     for r in rows:
         print(f"{r['out_index']:>9}  " + "  ".join(f"{'rel %.4f  cos %.6f' % (r[c]['rel'], r[c]['cos']):>26}"
                                                   for c in cols))
