@@ -30,7 +30,9 @@ if harness.CUDA:
 else:
     CONFIGS, BATCHES, MAIN = ["small"], [1], "small"
 MAIN_BATCH = 4 if harness.CUDA else 1
-PATHS = ["reference", "fast", "compile-default", "compile-fast", "fast-cudagraph", "compile-max-autotune", "fast-fp8"]
+# fast-fp8: FP8 GEMMs and FP8 attention (fp8_attention=True); fast-fp8-bf16-attn: FP8 GEMMs only
+PATHS = ["reference", "fast", "compile-default", "compile-fast", "fast-cudagraph", "compile-max-autotune", "fast-fp8",
+         "fast-fp8-bf16-attn"]
 CASES = [(c, b, p) for c in CONFIGS for b in BATCHES for p in PATHS] + [(MAIN, 1, "reference-naive-attn")]
 
 _models, _compiled, _fp8_models = {}, {}, {}
@@ -68,16 +70,17 @@ def fp8_model_for(config: str) -> InternViT6B:
 
 
 @contextlib.contextmanager
-def path_settings(model: InternViT6B, fast: bool = False, naive_attn: bool = False):
-    """Set the fast switch and the attention backend for one path; restore them after."""
-    saved = model.fast, [b.attn.use_flash_attn for b in model.blocks]
-    model.fast = fast
+def path_settings(model: InternViT6B, fast: bool = False, naive_attn: bool = False, fp8_attention=None):
+    """Set the fast switch, the attention backend and (an FP8 model) FP8 attention for one path;
+    restore them after."""
+    saved = model.fast, [b.attn.use_flash_attn for b in model.blocks], model.fp8_attention
+    model.fast, model.fp8_attention = fast, fp8_attention
     for b in model.blocks:
         b.attn.use_flash_attn = not naive_attn
     try:
         yield model
     finally:
-        model.fast = saved[0]
+        model.fast, model.fp8_attention = saved[0], saved[2]
         for b, flag in zip(model.blocks, saved[1]):
             b.attn.use_flash_attn = flag
 
@@ -110,10 +113,12 @@ def _forward_fn(config: str, path: str, example: torch.Tensor, model: InternViT6
 def test_backbone(bench, config, batch, path):
     cfg = PRESETS[config]
     size = cfg["img_size"]
-    model = fp8_model_for(config) if path == "fast-fp8" else model_for(config)
+    model = fp8_model_for(config) if path.startswith("fast-fp8") else model_for(config)
     imgs = [torch.randn(batch, 3, size, size, device=harness.DEVICE) for _ in range(2)]
     fast = path.startswith("fast") or path == "compile-fast"
-    with path_settings(model, fast=fast, naive_attn=path.endswith("naive-attn")), torch.inference_mode():
+    fp8_attention = {"fast-fp8": True, "fast-fp8-bf16-attn": False}.get(path)
+    with path_settings(model, fast=fast, naive_attn=path.endswith("naive-attn"), fp8_attention=fp8_attention), \
+            torch.inference_mode():
         fn = _forward_fn(config, path, imgs[0], model)
         fn(imgs[1])  # compiles (torch.compile, Triton JIT) outside the timed rounds
         if harness.CUDA:
@@ -171,16 +176,22 @@ def test_full_size_parity(record_check):
 def test_fp8_features(record_check):
     """precision="fp8" against bf16 on the same weights at full size, per out_index (relative
     L2 error and cosine of the features; float64 does not fit beside a 6B model): what
-    python -m internvit_fast.cli.precision prints, on random weights."""
+    internvit-fast precision prints, on random weights; with bf16 attention (``rows``) and
+    with FP8 attention (``rows_fp8_attention``)."""
     model, fp8 = model_for(MAIN), fp8_model_for(MAIN)
     size = PRESETS[MAIN]["img_size"]
     img = torch.randn(1, 3, size, size, device=harness.DEVICE)
-    with path_settings(model, fast=True), path_settings(fp8, fast=True), torch.inference_mode():
-        ref, got = model(img), fp8(img)
     from internvit_fast.cli.precision import compare
-    rows = compare([g.double() for g in got], [r.double() for r in ref])
-    record_check(check="fp8_features", config=MAIN, out_indices=list(model.out_indices), rows=rows)
-    assert all(r["cos"] > 0.99 for r in rows), rows
+    with path_settings(model, fast=True), torch.inference_mode():
+        ref = [r.double() for r in model(img)]
+    rows = {}
+    for fa in (False, True):
+        with path_settings(fp8, fast=True, fp8_attention=fa), torch.inference_mode():
+            rows[fa] = compare([g.double() for g in fp8(img)], ref)
+    record_check(check="fp8_features", config=MAIN, out_indices=list(model.out_indices), rows=rows[False],
+                 rows_fp8_attention=rows[True])
+    assert all(r["cos"] > 0.99 for r in rows[False]), rows
+    assert all(r["cos"] > 0.995 and r["rel"] < 0.08 for r in rows[True]), rows
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])

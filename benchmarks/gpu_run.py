@@ -168,8 +168,11 @@ def markdown(res: dict) -> str:
                       f"attention) {chk['err_naive']:.3g}, fast path {chk['err_fast']:.3g}", ""]
         elif chk.get("check") == "fp8_features":
             lines += [f"## precision='fp8' against bf16 ({chk['config']}, batch 1, random weights)", "",
-                      "| out_index | relative L2 error | cosine |", "|---|---|---|"]
-            lines += [f"| {i} | {r['rel']:.4f} | {r['cos']:.6f} |" for i, r in zip(chk["out_indices"], chk["rows"])]
+                      "| out_index | bf16 attention: rel. L2 error | cosine | FP8 attention: rel. L2 error | cosine |",
+                      "|---|---|---|---|---|"]
+            fa = chk.get("rows_fp8_attention") or [dict(rel=float("nan"), cos=float("nan"))] * len(chk["rows"])
+            lines += [f"| {i} | {r['rel']:.4f} | {r['cos']:.6f} | {a['rel']:.4f} | {a['cos']:.6f} |"
+                      for i, r, a in zip(chk["out_indices"], chk["rows"], fa)]
             lines.append("")
         elif chk.get("check") == "profile":
             lines += [f"## Profile: {chk['profiled_path']} path, {chk['config']} batch {chk['batch']} "

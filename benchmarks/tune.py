@@ -43,8 +43,10 @@ def entry_for(spec, inputs: dict, config: dict, ms: float):
 def order(specs, shape: Shape) -> list:
     """The tuner's order: inference before training (the targets are inference), and within
     each the GEMMs first: they are most of the backbone's time, so a box that runs out cuts
-    the row kernels (whose heuristic settings are near their ceiling anyway)."""
-    return sorted(specs, key=lambda s: (s.training, costs.counts(s.id, shape)[2] == 0))
+    the row kernels (whose heuristic settings are near their ceiling anyway). FP8 attention
+    before the FP8 GEMMs: its entry decides FP8 attention against bf16 SDPA (another path,
+    other numerics), theirs only a launch or cuBLASLt."""
+    return sorted(specs, key=lambda s: (s.training, costs.counts(s.id, shape)[2] == 0, s.name.startswith("fp8_")))
 
 
 def tune(out_dir: str, budget_s: float, smoke: bool, batches=(4,)) -> str:

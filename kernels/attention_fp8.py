@@ -43,6 +43,7 @@ from . import launch, registry
 from .common import (FLOAT_DTYPES, FP8, FP8_GROUP, cast, check_tensors, fp8_quantize_groups, fp8_round,
                      kernels_can_run_on, on_device)
 from .fp8 import dequantize
+from .gemm import ACT_CODES
 from .launch import LaunchPlan, Meta, Target, lookup, table_key
 from .qk_norm import (FP8_SPEC as QK_FP8_SPEC, fp8_inputs, fp8_layouts, head_dim_problem, qk_norm, qk_norm_fp8,
                       qk_norm_fp8_ref)
@@ -117,7 +118,7 @@ def _attention_fp8_kernel(
     OS,  # (B * N, H) fp32: the output's scales (QUANT_OUT; else O, unused)
     rows, N, NP, C, H, qk_scale,  # qk_scale: the softmax scale times log2(e)
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_OUT: tl.constexpr,
-    ACT: tl.constexpr,  # the dtype the output is rounded to first (its dtype unless QUANT_OUT)
+    ACT: tl.constexpr,  # QUANT_OUT: the activation dtype rounded to first, by its code (gemm.ACT_CODES)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -159,14 +160,15 @@ def _attention_fp8_kernel(
     live_m = offs_m < N
     dst = O + row_m[:, None] * C + h * D + offs_d[None, :]
     if QUANT_OUT:  # rounded to the activation dtype first, as the bf16 path's output is
-        o8, so = fp8_quantize_groups(cast(o, ACT).to(tl.float32))
+        if ACT == 1:
+            o = cast(o, tl.bfloat16).to(tl.float32)
+        elif ACT == 2:
+            o = cast(o, tl.float16).to(tl.float32)
+        o8, so = fp8_quantize_groups(o)
         tl.store(dst, o8, mask=live_m[:, None])
         tl.store(OS + row_m * H + h, so, mask=live_m)
     else:
-        tl.store(dst, cast(o, ACT), mask=live_m[:, None])
-
-
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+        tl.store(dst, cast(o, O.dtype.element_ty), mask=live_m[:, None])
 
 
 def plan_attention(metas: Dict[str, Meta], batch: int, heads: int, scale: float, act: torch.dtype, target: Target,
@@ -180,7 +182,7 @@ def plan_attention(metas: Dict[str, Meta], batch: int, heads: int, scale: float,
     cfg = dict(config or (entry or {}).get("config") or (INTERPRETER if target.arch in ("interpreter", "cpu") else DEFAULT))
     args = dict(metas, rows=rows, N=n, NP=metas["VT"].shape[-1], C=c, H=heads, qk_scale=float(scale) * LOG2E)
     return LaunchPlan(_attention_fp8_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads), args,
-                      dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], QUANT_OUT=quant, ACT=_TL[act]),
+                      dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], QUANT_OUT=quant, ACT=ACT_CODES[act]),
                       dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True),
                       dict(SCALED=True, QUANT_OUT=quant), key, entry is not None,
                       f"{OP} {(batch, n, c)} heads {heads}{' e4m3 out' if quant else ''}")

@@ -15,6 +15,7 @@ from internvit_fast.kernels.fp8 import quantize_ref
 from internvit_fast.kernels.launch import recording
 from internvit_fast.kernels.qk_norm import (FP8_SPEC, fp8_inputs, fp8_outputs, qk_norm_fp8_launch, qk_norm_fp8_ref)
 from internvit_fast.kernels.registry import Shape, run
+from helpers import randomize
 
 
 def _inputs(batch: int, tokens: int, heads: int, d: int, dtype=torch.bfloat16, device="cpu") -> dict:
@@ -122,19 +123,21 @@ def test_where_the_kernel_cannot_run_the_op_computes_the_statement(monkeypatch):
 
 # --- the model -------------------------------------------------------------------------------
 
-CFG = dict(embed_dim=256, num_heads=2, depth=3, img_size=56, patch_size=14, pretrain_size=56, out_indices=[0, 2])
+CFG = dict(embed_dim=512, num_heads=4, depth=4, img_size=56, patch_size=14, pretrain_size=56, out_indices=[1, 3])
 
 
 def _bf16_model(outliers: bool) -> InternViT6B:
-    torch.manual_seed(5)
+    """test_fp8.py's random model (heads of 128); ``outliers``: its norm-weight channels 64x the
+    rest in norm1/norm2, and in q_norm/k_norm too (one in each of two heads: what FP8
+    attention's per-head scales meet)."""
+    torch.manual_seed(1)
     m = InternViT6B(**CFG)
+    randomize(m)
     with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * (0.05 if p.ndim > 1 else 0.2) + (1.0 if p.ndim == 1 else 0.0))
-        if outliers:  # norm-weight channels 30x the rest, q_norm and k_norm included
+        if outliers:
             for b in m.blocks:
                 for n in (b.norm1, b.norm2, b.attn.q_norm, b.attn.k_norm):
-                    n.weight[[3, 130]] *= 30
+                    n.weight[[5, 77 if n in (b.norm1, b.norm2) else 300]] *= 64
     return m.to(torch.bfloat16).eval()
 
 
@@ -148,9 +151,10 @@ def _feats(m, x):
 def test_fp8_attention_features_against_bf16(device, outliers):
     """The issue's accuracy bar: precision="fp8" with FP8 attention against the bf16 model within
     cosine 0.995 and relative error 0.08 per out_index, outlier channels included; and FP8
-    attention adds little to the FP8 GEMMs' own error (at most 1.5x theirs)."""
+    attention adds little to the FP8 GEMMs' own error (at most 1.2x theirs)."""
     bf16 = _bf16_model(outliers).to(device)
-    x = torch.randn(2, 3, 56, 56, device=device)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 56, 56).to(device)
     ref = _feats(bf16, x)
     m = _bf16_model(outliers).to(device)
     m.precision, m.fast = "fp8", True
@@ -166,7 +170,7 @@ def test_fp8_attention_features_against_bf16(device, outliers):
         cos = [torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), 0).item() for g, r in zip(got, ref)]
         assert max(rel) < 0.08 and min(cos) > 0.995, (fa, rel, cos)
         errs[fa] = max(rel)
-    assert errs[True] < 1.5 * errs[False], errs
+    assert errs[True] < 1.2 * errs[False], errs  # measured 1.01-1.03x (2026-12-07)
 
 
 def test_the_tuned_table_and_the_switch_choose_the_attention(device, tuned_table):

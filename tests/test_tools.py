@@ -216,7 +216,7 @@ GATE_SCRIPT = """if True:
         cc.read_cubin = spilled
     if want == "loop-spill":
         real_loop = cc.main_loop_spills
-        cc.main_loop_spills = lambda sass: (3, real_loop(sass)[1])
+        cc.main_loop_spills = lambda sass: (3, *real_loop(sass)[1:])
     if want == "no-wgmma":
         import triton
         real_compile = triton.compile

@@ -109,5 +109,8 @@ def test_the_tuner_takes_inference_gemms_first_and_training_last():
     training = [s.id for s in REGISTRY if s.training]
     gemms = [s.id for s in REGISTRY if not s.training and costs.counts(s.id, Shape(1297 * 4))[2] > 0]
     assert set(training) == {"linear_gelu_grad", "rms_norm_backward"}
-    assert ids[:len(gemms)] == gemms and set(ids[-len(training):]) == set(training)
-    assert {"fp8_linear_gelu", "fp8_linear_residual[fc2]"} <= set(gemms)
+    assert set(ids[:len(gemms)]) == set(gemms) and set(ids[-len(training):]) == set(training)
+    assert {"fp8_linear_gelu", "fp8_linear_residual[fc2]", "attention_fp8"} <= set(gemms)
+    # bf16 GEMMs, then FP8 attention (its entry picks a path), then the FP8 GEMMs, each in registry order
+    fp8 = [g for g in gemms if g.startswith("fp8_")]
+    assert ids[:len(gemms)] == [g for g in gemms if g not in fp8 and g != "attention_fp8"] + ["attention_fp8"] + fp8

@@ -193,6 +193,12 @@ RATES: Dict[str, Dict[str, Rate]] = {
 ENDS = ("fast", "slow")  # the high rates, the low rates
 
 
+def attention_us(card: dict, flops: float, fp8: bool = False) -> float:
+    """Attention's microseconds at one end of the rates (card_at): bf16 SDPA's rate, times
+    fp8_attention_speedup for the FP8 kernel."""
+    return flops / (card["attention_tflops"] * (card["fp8_attention_speedup"] if fp8 else 1.0) * 1e6)
+
+
 def card_at(name: str, end: str) -> dict:
     """CARDS[name] with the rates of one end of their ranges: "fast" (high rates) or "slow"."""
     r = RATES[name]
@@ -304,7 +310,7 @@ def path_us(card: dict, batch: int, tokens: int, gemm_pred: Optional[Dict[str, f
     r, c, h = batch * tokens, width, hidden
     act = r * c * el
     mm = {op: counts[op][0] / (card["matmul_tflops"] * 1e6) for op in GEMM_OPS}
-    att = counts["attention"][0] / (card["attention_tflops"] * 1e6)
+    att = attention_us(card, counts["attention"][0])
     mem = {p: {op: memory_us(card, b) for op, b in ops.items()} for p, ops in rb.items()}
     out = {}
     for p in ("eager", "compile"):
@@ -351,7 +357,7 @@ def path_us(card: dict, batch: int, tokens: int, gemm_pred: Optional[Dict[str, f
     # FP8 attention: QK-norm writes e4m3 q, k and v; the kernel's epilogue writes proj's e4m3
     # input (no quantizer pass); its time at fp8_attention_speedup x the bf16 SDPA rate.
     out["fp8_attn"] = dict(fp8, qk_norm=memory_us(card, qk_norm_fp8_bytes(batch, tokens, width, width // 128, el)),
-                           attention=att / card.get("fp8_attention_speedup", 1.0))
+                           attention=attention_us(card, counts["attention"][0], fp8=True))
     return {p: {op: out[p][op] for op in OPS} for p in PATHS}
 
 

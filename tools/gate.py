@@ -14,7 +14,8 @@ integers divisible by 16 marked as Triton's JIT marks them at launch). So a laun
 changes what it launches changes what the gate builds.
 
 Per build: registers, spilled bytes (stack + local), spill instructions inside a GEMM's
-main loop (the innermost loop around its MMA instructions, found in the SASS), shared
+main loop (the innermost loop around its MMA instructions, found in the SASS) and the MMA
+instructions in it (``mma``: per k-step of a GEMM, per key tile of attention), shared
 memory, whether the PTX uses wgmma and TMA (cp.async.bulk.tensor), contracted FMAs, and
 global loads issued after the first store. It fails when a kernel does not compile, a
 row kernel spills, a GEMM spills inside its main loop, an sm_90 bf16/fp16 GEMM lacks
@@ -129,13 +130,16 @@ def _main_loop(insts: List[str], labels: Dict[str, int]):
 
 def main_loop_spills(sass: str):
     """Spill instructions (STL/LDL) in the main loop (the innermost loop around the MMA
-    instructions), and its length; None when no loop holds an MMA."""
+    instructions), its length, and its MMA instructions (wgmma: HGMMA, QGMMA; HMMA); None
+    when no loop holds an MMA."""
     insts, labels = sass_instructions(sass)
     loop = _main_loop(insts, labels)
     if loop is None:
         return None
     s, e = loop
-    return sum(_opcode(insts[j]) in ("STL", "LDL") for j in range(s, e + 1)), e - s + 1
+    ops = [_opcode(insts[j]) for j in range(s, e + 1)]
+    return (sum(op in ("STL", "LDL") for op in ops), e - s + 1,
+            sum(op in ("HGMMA", "QGMMA", "HMMA") for op in ops))
 
 
 def epilogue_instructions(sass: str):
@@ -232,6 +236,11 @@ def is_gemm(plan: LaunchPlan) -> bool:
     return "tl.dot(" in plan.fn.src  # its main loop feeds tensor cores (or FMA, in fp32)
 
 
+def is_linear(plan: LaunchPlan) -> bool:
+    """A GEMM of gemm.py (M, N, K): what costs.gemm_us models (attention is priced by its rate)."""
+    return is_gemm(plan) and all(k in plan.args for k in ("M", "N", "K"))
+
+
 def _config(plan: LaunchPlan) -> str:
     skip = {"DOT_PRECISION", "HAS_BIAS", "EVEN_K"}
     cfg = ",".join(f"{k}={v}" for k, v in plan.constexprs.items() if k not in skip)
@@ -267,6 +276,7 @@ def build(kernel: KernelSpec, plan: LaunchPlan, arch: int) -> dict:
         loop = main_loop_spills(sass)
         rec["main_loop_spills"] = loop[0] if loop else None
         rec["main_loop_instructions"] = loop[1] if loop else None
+        rec["main_loop_mma"] = loop[2] if loop else None
         rec["serial_waits_before_mma"] = serial_waits_before_mma(sass)
         rec["epilogue_instructions"] = epilogue_instructions(sass)
         if loop is None:
@@ -324,9 +334,9 @@ def check(arch: int, kernels=REGISTRY) -> List[dict]:
             if key not in built:
                 built[key] = build(kernel, plan, arch)
             rec = dict(built[key], kernel=kernel.id, launch=plan.label, tuned=plan.tuned)
-            if arch == 90 and is_gemm(plan) and rec.get("epilogue_instructions") is not None:
+            if arch == 90 and is_linear(plan) and rec.get("epilogue_instructions") is not None:
                 rec["predicted_us"] = predicted_gemm_us(plan, rec)
-            elif arch == 90 and is_gemm(plan):
+            elif arch == 90 and is_linear(plan):
                 rec["predicted_us"] = None
             records.append(rec)
     rng = np.random.default_rng()  # fresh inputs each run, beside the exhaustive ones
@@ -441,6 +451,9 @@ def traffic(kernels=REGISTRY, records=()) -> List[dict]:
         row = dict(kernel=kernel.id, shape=shape.label(), bytes_moved=moved, bytes_min=least, ratio=moved / least)
         if not is_gemm(plan):
             row["predicted_us"] = {name: round(costs.memory_us(card, moved), 1) for name, card in costs.CARDS.items()}
+        elif not is_linear(plan):  # attention: its FLOPs at the rate's high end (costs.RATES)
+            row["predicted_us"] = {name: round(costs.attention_us(costs.card_at(name, "fast"), costs.counts(
+                kernel.id, shape, plan)[2], fp8=True), 1) for name in costs.CARDS}
         else:
             found = [r for r in records if r["target"] == "sm_90" and r["kernel"] == kernel.id
                      and r["constexprs"] == plan.constexprs and r["options"] == plan.options
@@ -543,7 +556,7 @@ def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
     for target in sorted({r["target"] for r in records} - {"same bits"}, reverse=True):
         print(f"\n== {target} ==", file=out)
         print(f"{'kernel':<22} {'configuration':<76} {'regs':>4} {'spill':>5} {'loop':>4} {'smem':>7} "
-              f"{'wgmma':>5} {'tma':>3} {'fma':>3}  launch", file=out)
+              f"{'wgmma':>5} {'mma':>3} {'tma':>3} {'fma':>3}  launch", file=out)
         for r in records:
             if r["target"] != target:
                 continue
@@ -553,6 +566,7 @@ def print_table(records: List[dict], moved: List[dict], out=sys.stdout) -> None:
             loop = r.get("main_loop_spills")
             print(f"{r['kernel']:<22} {r['config']:<76} {r['registers']:>4} {r['spills']:>5} "
                   f"{'-' if loop is None else loop:>4} {r['shared_bytes']:>7} {'yes' if r['wgmma'] else 'no':>5} "
+                  f"{r.get('main_loop_mma') if r.get('main_loop_mma') is not None else '-':>3} "
                   f"{'yes' if r['tma'] else 'no':>3} {'yes' if r['fma_contracted'] else 'no':>3}  {r['launch']}",
                   file=out)
     print("\n== bytes moved at the main shape (GEMMs: DRAM bytes with the weight read once per row-group), "
