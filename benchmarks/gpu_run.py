@@ -342,7 +342,7 @@ def run_command(run: Run, st, env: dict, box: float, args) -> None:
     else:
         files = ["tests/test_fast_model.py"] if args.smoke else [
             "tests/test_kernels.py", "tests/test_fast_model.py", "tests/test_graphs.py", "tests/test_model.py",
-            "tests/test_checkpoint.py"]
+            "tests/test_checkpoint.py", "tests/test_attention_fp8.py"]
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", *files]
         if args.smoke:
             cmd += ["-k", "compiles"]

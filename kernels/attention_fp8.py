@@ -234,7 +234,8 @@ def attention_fp8_launch(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, sc
 
 
 def _fallback(qk, vt, s, scale, act, quantized):
-    """Where the kernel cannot run: the statement in fp32 (no quantization of P)."""
+    """Where the kernel cannot run (a CPU without the interpreter, a GPU before sm_89): the
+    statement in fp32 (no quantization of P)."""
     from .fp8 import quantize_ref
     o = attention_fp8_ref(qk, vt, s, scale, torch.float32).to(act)
     if quantized:
@@ -247,7 +248,7 @@ def attention_fp8(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: fl
                   quantized: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, out_scale): attention of qk_norm_fp8's outputs, (B, N, C) in ``act`` (out_scale
     empty), or ``quantized``: e4m3 with (B, N, H) scales, proj's FP8 input."""
-    if not kernels_can_run_on(qk.device):
+    if not kernels_can_run_on(qk.device) or not fp8_tensor_cores(qk.device):
         return _fallback(qk, vt, s, scale, act, quantized)
     out, out_scale = _empty(qk, vt, act, quantized)
     attention_fp8_launch(qk, vt, s, scale, out, out_scale if quantized else None, act)
@@ -269,6 +270,11 @@ def _(qk, vt, s, scale, act, quantized):
 
 # --- when the fast path runs it, and its alternative --------------------------------------
 
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """A GPU with e4m3 MMA (sm_89 and later); True off CUDA (the interpreter has them all)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def takes(qkv: torch.Tensor, heads: int, table: bool = True) -> bool:
     """Whether FP8 attention runs for this qkv (B, N, 3C) on the fast path: heads it takes, a
     card with FP8 tensor cores (or the interpreter), and (``table``) the tuned table's pick at
@@ -276,7 +282,7 @@ def takes(qkv: torch.Tensor, heads: int, table: bool = True) -> bool:
     c = qkv.shape[-1] // 3
     if qkv.ndim != 3 or head_dim_problem(c, heads):
         return False
-    if qkv.device.type == "cuda" and torch.cuda.get_device_capability(qkv.device) < (8, 9):
+    if not fp8_tensor_cores(qkv.device):
         return False
     b, n = qkv.shape[:2]
     return not table or launch.choice(OP, Target.of(qkv.device), M=b, N=n, H=heads, D=c // heads, dtype=qkv.dtype) == "fused"

@@ -12,6 +12,6 @@ python -m venv "$venv"
 "$venv/bin/python" -m pip install -q nvidia-nvvm==13.0.88   # CUDA's libdevice: the gate's same-bits reference
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -c "import triton, numpy; print('triton', triton.__version__, 'numpy', numpy.__version__)"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tuning.py \
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_tuning.py tests/test_attention_fp8.py \
     "tests/test_tools.py::test_compile_gate_passes_for_sm90_and_sm80" \
     "tests/test_tools.py::test_same_bits_check_sees_a_gelu_that_rounds_differently"

@@ -185,7 +185,7 @@ def test_the_tuned_table_and_the_switch_choose_the_attention(device, tuned_table
             _feats(m, x)
         return "attention_fp8" in {p.tuned_key[0] for p in plans}
     assert m.fp8_attention is None and ran()  # nothing measured: the FP8 kernel
-    tuned_table({"configs": {"attention_fp8": [{"shape": dict(M=1, N=17, H=2, D=128, dtype="bf16"), "config": {},
+    tuned_table({"configs": {"attention_fp8": [{"shape": dict(M=1, N=17, H=4, D=128, dtype="bf16"), "config": {},
                                                 "impl": "unfused"}]}})
     assert not ran()
     m.fp8_attention = True

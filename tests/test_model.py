@@ -391,7 +391,7 @@ def test_constructor_takes_upstreams_arguments_in_order_with_its_defaults():
     for name, want in zip(names, defaults):
         got = ours[name].default
         assert (list(got) if name == "out_indices" else got) == want, name
-    assert list(ours)[1 + len(names):] == ["fast", "dtype", "cuda_graphs", "precision"]  # ours come after upstream's
+    assert list(ours)[1 + len(names):] == ["fast", "dtype", "cuda_graphs", "precision", "fp8_attention"]  # ours come after upstream's
     assert ours["fast"].default is False and ours["dtype"].default is torch.bfloat16
 
 
