@@ -102,6 +102,7 @@ class GraphCache:
         config = (getattr(model, "fast", None), tuple(getattr(model, "out_indices", ())),
                   getattr(model, "with_fpn", None), model.training,
                   tuple(getattr(m, "use_flash_attn", None) for m in model.modules() if hasattr(m, "use_flash_attn")),
+                  tuple(getattr(m, "fp8_attention", None) for m in model.modules() if hasattr(m, "fp8_attention")),
                   tuple(p.dtype for p in model.parameters())[:1])
         return (tuple(x.shape), x.dtype, x.device, x.stride(), hash(weights), amp, modes, config)
 

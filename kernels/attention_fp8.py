@@ -13,12 +13,14 @@ BLOCK_N with an online softmax in the exp2 domain. Per tile:
 
     S  = (q8 @ k8^T) * sk[n] * sq'[m]       e4m3 wgmma, fp32 accumulate; sq' = sq * scale * log2(e)
     P  = exp2(S - m_run)                      m_run: the running row maximum
-    P8 = e4m3(P * sv[n] * 256 / t)            t = the tile's largest v scale (powers of two: exact)
-    acc = acc * (alpha * c_old / c) + P8 @ v8^T   c = t / 256: acc is kept in units of c
+    c  = max(c, the tile's largest v scale)   the largest so far (powers of two: exact ratios)
+    P8 = e4m3(P * sv[n] * 256 / c)
+    acc = acc * (alpha * c_old / c) + P8 @ v8^T   acc is kept in units of c / 256
 
 v's per-token scales are folded into P before it is quantized (they multiply P's columns),
 so P @ v runs on e4m3 operands with one scalar per tile; the 256 puts P's values near the
-top of e4m3's range (P <= 1 would leave its smallest values subnormal). The row sum uses
+top of e4m3's range (P <= 1 would leave its smallest values subnormal). c only grows, so
+the rescale never overflows (a tile of all-zero v has the smallest scale, 2^-126). The row sum uses
 the unquantized P. The softmax scale is folded into q's scales once per program.
 
 Numerics: against the statement (attention on the dequantized inputs, in float64) the only
@@ -84,27 +86,47 @@ def error_bound(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: floa
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(exact, bound) (B, N, C) in float64: the statement and the kernel's largest error from it.
 
-    The kernel quantizes P relative to the running row maximum (P_run >= P) as
-    e4m3(P_run * sv * 256 / t), t <= T = the sequence's largest v scale. Where that is a
-    normal e4m3 value (>= 2^-6) it is off by at most 2^-4 of itself; below, by at most half
-    the subnormal spacing, 2^-10, i.e. 2^-18 T / sv in P (fp32's underflow of exp2 is
-    inside that too). A key can be below only where P < 2^-14 T / sv. So
+    With P = exp(S - max_n S) (<= 1) and l = sum_n P: the kernel quantizes P relative to the
+    running row maximum (P_run >= P) as e4m3(P_run * sv * 256 / c), c <= T = the sequence's
+    largest v scale. Where that is a normal e4m3 value (>= 2^-6) it is off by at most 2^-4 of
+    itself; below, by at most half the subnormal spacing, 2^-10, i.e. 2^-18 T / sv in P
+    (fp32's underflow of exp2 is inside that too). A key can be below only where
+    P < 2^-14 T / sv. So
 
-        |o - exact| <= (2^-4 sum_n P |v| + 2^-18 T sum_{n: P < 2^-14 T / sv} |v / sv|) / sum_n P
-                       + half an ulp of the output dtype.
+        |o - exact| <= (2^-4 sum_n P |v| + 2^-18 T sum_{n: P < 2^-14 T / sv} |v / sv|) / l
+                       + the output's rounding.
     """
     q, k, v = split(qk, vt, s)
     _, b, n, c = qk.shape
-    p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, N, N)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    p = torch.exp(logits - logits.amax(-1, keepdim=True))  # (B, H, N, N), max 1 per row
+    l = p.sum(-1, keepdim=True)  # noqa: E741
     sv = s[2].double().transpose(1, 2)  # (B, H, N)
     big = sv.amax(dim=-1, keepdim=True)[..., None]  # T per (b, h)
     small = p < 2.0 ** -14 * big / sv[:, :, None, :]
-    exact = p @ v
-    bound = 2.0 ** -4 * (p @ v.abs()) + 2.0 ** -18 * big * (small.double() @ (v / sv[..., None]).abs())
+    exact = (p @ v) / l
+    bound = (2.0 ** -4 * (p @ v.abs()) + 2.0 ** -18 * big * (small.double() @ (v / sv[..., None]).abs())) / l
     ulp = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}[out_dtype]
     bound = bound + ulp * exact.abs() * 2  # (the rounding of a value up to 2^-4 off: 2 half-ulps of slack)
     flat = lambda t: t.transpose(1, 2).reshape(b, n, c)  # noqa: E731
     return flat(exact), flat(bound)
+
+
+def rounded_once(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """(B, N, C) float64: attention with P rounded once, to nearest, in e4m3 as the kernel scales
+    it (P <= 1 times sv * 256 / T, T the sequence's largest v scale), then the output rounded to
+    ``out_dtype``. The error a kernel that rounds P once should have: judge holds the kernel's
+    RMS error to this one's (measured 0.7-1.0x; P rounded toward zero: 1.6-2.2x)."""
+    q, k, v = split(qk, vt, s)
+    _, b, n, c = qk.shape
+    logits = (q @ k.transpose(-1, -2)) * scale
+    p = torch.exp(logits - logits.amax(-1, keepdim=True))
+    sv = s[2].double().transpose(1, 2)[:, :, None, :]  # (B, H, 1, N)
+    t = sv.amax(-1, keepdim=True)
+    p8 = (p * sv * (256 / t)).float().to(FP8).double() * (t / 256) / sv  # (sv: powers of two, exact)
+    o = (p8 @ v) / p.sum(-1, keepdim=True)
+    return o.to(out_dtype).double().transpose(1, 2).reshape(b, n, c)
 
 
 # --- the kernel -----------------------------------------------------------------------------
@@ -134,7 +156,7 @@ def _attention_fp8_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    c_acc = 1.0  # acc's unit (see the module's docstring)
+    c_acc = 0.0  # the largest v scale so far: acc's unit is c_acc / 256 (see the module's docstring)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         live = offs_n < N
@@ -149,14 +171,16 @@ def _attention_fp8_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        t = tl.max(sv, 0)  # a power of two (every live token's scale is one)
-        p8 = fp8_round(p * (sv * (256.0 / t))[None, :])
-        c_new = t * 0.00390625
-        acc = acc * (alpha * (c_acc / c_new))[:, None]
+        c_new = tl.maximum(c_acc, tl.max(sv, 0))  # a power of two (every live token's scale is one)
+        # 1 / c_new from its exponent: exact, and finite where c_new is 2^-126 (an all-zero v
+        # group's scale), where 256 / c_new would overflow
+        inv = ((254 - (c_new.to(tl.uint32, bitcast=True) >> 23)).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        p8 = fp8_round(p * ((sv * inv) * 256.0)[None, :])  # sv / c_new <= 1: exact (or 0 past fp32's range)
+        acc = acc * (alpha * (c_acc * inv))[:, None]  # (c_acc <= c_new: no overflow)
         acc = tl.dot(p8, tl.trans(vt), acc)
         c_acc = c_new
         m_i = m_new
-    o = acc * (c_acc / l_i)[:, None]
+    o = acc * (c_acc / l_i)[:, None] * 0.00390625
     live_m = offs_m < N
     dst = O + row_m[:, None] * C + h * D + offs_d[None, :]
     if QUANT_OUT:  # rounded to the activation dtype first, as the bf16 path's output is
@@ -212,7 +236,9 @@ def _check(qk, vt, s, out, out_scale, act) -> Tuple[int, int, int, int]:
     for name, t in given.items():
         shape, dtype = want[name]
         if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
-            raise ValueError(f"{OP}: {name} must be contiguous {shape} {dtype}, got {tuple(t.shape)} {t.dtype}")
+            layout = "" if t.is_contiguous() else f" with strides {t.stride()}"
+            raise ValueError(f"{OP}: {name} must be contiguous {shape} {dtype} ({heads} heads, as vt has), got "
+                             f"{tuple(t.shape)} {t.dtype}{layout}")
     return b, n, c, heads
 
 
@@ -238,8 +264,8 @@ def _fallback(qk, vt, s, scale, act, quantized):
     statement in fp32 (no quantization of P)."""
     from .fp8 import quantize_ref
     o = attention_fp8_ref(qk, vt, s, scale, torch.float32).to(act)
-    if quantized:
-        return quantize_ref(o)
+    if quantized:  # one scale per token and head, as the kernel writes them (heads of 128: proj's groups)
+        return quantize_ref(o, vt.shape[2])
     return o, o.new_empty(0, dtype=torch.float32)
 
 
@@ -314,8 +340,13 @@ def bf16_attention(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
 # --- what the tools need to know (registry) ----------------------------------------------
 
 def _inputs(shape: Shape, device) -> dict:
-    """qk_norm_fp8's inputs and, quantized by its reference, the kernel's."""
+    """qk_norm_fp8's inputs and, quantized by its reference, the kernel's; norm weights near 1,
+    without qk_norm_fp8's outlier channels (which make nearly every row one-hot): logits of
+    unit spread, diffuse attention, where the rounding of P's many small values shows."""
     i = fp8_inputs(shape, device)
+    c = i["q_weight"].shape[0]
+    for name in ("q_weight", "k_weight"):
+        i[name] = registry.rand((c,), i["qkv"].dtype, device, 0.3, 1.0)
     qk, vt, s = qk_norm_fp8_ref(i["qkv"], i["q_weight"], i["k_weight"], i["eps"], i["heads"])
     d = i["qkv"].shape[-1] // 3 // i["heads"]
     return dict(i, qk=qk, vt=vt, s=s, scale=d ** -0.5)
@@ -327,21 +358,30 @@ def _new(i: dict) -> dict:
 
 
 def judge(got: dict, i: dict) -> None:
-    """error_bound, elementwise, against the float64 statement on the same e4m3 inputs; the RMS
-    error at most a fifth of the bound's RMS (P's rounding errors have both signs: a kernel
-    that loses P's small values, or rounds P once too often, stands out here); and no bias:
-    the least-squares gain of the output on the statement within 1.5e-3 of 1 (rounding to
-    nearest has none, measured within 5e-4; a row sum or rescale 0.3% off fails it)."""
+    """Against the float64 statement on the same e4m3 inputs: error_bound elementwise; the
+    RMS error at most 1.3x rounded_once's (P rounded once, to nearest: the kernel measured
+    0.7-1.0x, a P rounded toward zero 1.6-2.2x); and no bias: the least-squares gain of the
+    output on the statement within 1e-3 + 4 noise of 1, noise the gain's standard error over
+    rows and heads (the kernel measured within 1.5 noise; a row sum or rescale 0.3% off
+    fails it at 40 tokens and more)."""
     o = got["o"].double()
     exact, bound = error_bound(i["qk"], i["vt"], i["s"], i["scale"], got["o"].dtype)
     assert torch.isfinite(o).all(), f"{OP}: NaN or inf in the output"
     err = (o - exact).abs()
     worst = (err / bound.clamp_min(1e-300)).max().item()
     assert worst <= 1.0, f"{OP}: error {worst:.3g} x the bound (attention_fp8.error_bound)"
-    rms = ((err ** 2).mean() / (bound ** 2).mean().clamp_min(1e-300)).sqrt().item()
-    assert rms <= 0.2, f"{OP}: RMS error {rms:.3g} of the bound's RMS (> 0.2)"
-    bias = ((o - exact) * exact).sum().item() / max((exact ** 2).sum().item(), 1e-300)
-    assert abs(bias) <= 1.5e-3, f"{OP}: the output is biased by {bias:.3g} against the statement"
+    once = rounded_once(i["qk"], i["vt"], i["s"], i["scale"], got["o"].dtype)
+    rms, rms_once = (e.pow(2).mean().sqrt().item() for e in (err, once - exact))
+    # (the floor, far below e4m3's rounding, only for inputs where P rounds exactly: one token)
+    floor = 2.0 ** -16 * exact.pow(2).mean().sqrt().item()
+    assert rms <= 1.3 * rms_once + floor, (f"{OP}: RMS error {rms:.3g}, {rms / max(rms_once, 1e-300):.3g}x that "
+                                           f"of P rounded once to nearest in e4m3 (> 1.3x)")
+    # the gain's noise: P's rounding errors are shared along a row of a head, independent across
+    g = ((o - exact) * exact).view(*o.shape[:2], i["vt"].shape[1], -1).sum(-1)  # (B, N, H)
+    norm = max((exact ** 2).sum().item(), 1e-300)
+    bias, noise = g.sum().item() / norm, g.pow(2).sum().sqrt().item() / norm
+    assert abs(bias) <= 1e-3 + 4 * noise, (f"{OP}: the output is biased by {bias:.3g} against the statement "
+                                           f"(its noise {noise:.2g})")
 
 
 def judge_bf16(got: dict, i: dict) -> None:

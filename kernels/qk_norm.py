@@ -50,6 +50,20 @@ def qk_norm_ref(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tenso
 
 
 @triton.jit
+def _normed_row(QKV, WQ, WK, row, stride_qkv, C, eps, ty: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token ``row``'s q and k RMS-normalised in fp32 with upstream's rounding up to the final
+    cast to ``ty`` (the caller's, as it stores them or quantizes them); the columns and mask."""
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < C
+    src = QKV + row * stride_qkv
+    q = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(src + C + cols, mask=mask, other=0.0).to(tl.float32)
+    wq = tl.load(WQ + cols, mask=mask, other=0.0).to(tl.float32)
+    wk = tl.load(WK + cols, mask=mask, other=0.0).to(tl.float32)
+    return rms_scale_row(q, wq, C, eps, ty), rms_scale_row(k, wk, C, eps, ty), cols, mask
+
+
+@triton.jit
 def _qk_norm_kernel(
     QKV,  # (rows, 3C) qkv projection output, row stride stride_qkv, unit column stride
     WQ, WK,  # (C,) q_norm and k_norm weights
@@ -60,16 +74,8 @@ def _qk_norm_kernel(
     BLOCK_N: tl.constexpr,  # power of two >= C
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < C
-    src = QKV + row * stride_qkv
-    q = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-    k = tl.load(src + C + cols, mask=mask, other=0.0).to(tl.float32)
-    wq = tl.load(WQ + cols, mask=mask, other=0.0).to(tl.float32)
-    wk = tl.load(WK + cols, mask=mask, other=0.0).to(tl.float32)
     ty = OUT.dtype.element_ty
-    q = rms_scale_row(q, wq, C, eps, ty)
-    k = rms_scale_row(k, wk, C, eps, ty)
+    q, k, cols, mask = _normed_row(QKV, WQ, WK, row, stride_qkv, C, eps, ty, BLOCK_N)
     dst = OUT + row * C
     tl.store(dst + cols, cast(q, ty), mask=mask)
     tl.store(dst + rows.to(tl.int64) * C + cols, cast(k, ty), mask=mask)
@@ -198,15 +204,9 @@ def _qk_norm_fp8_kernel(
             tl.store(S + 2 * rows * H + tok_rows * H + h, vs, mask=tok < N)
     else:  # one token's q and k: qk_norm's math, then quantized per head
         row = (pid - v_programs).to(tl.int64)
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < C
-        src = QKV + row * stride_qkv
-        q = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(src + C + cols, mask=mask, other=0.0).to(tl.float32)
-        wq = tl.load(WQ + cols, mask=mask, other=0.0).to(tl.float32)
-        wk = tl.load(WK + cols, mask=mask, other=0.0).to(tl.float32)
-        q = cast(rms_scale_row(q, wq, C, eps, ty), ty).to(tl.float32)  # the bf16 q attention would take
-        k = cast(rms_scale_row(k, wk, C, eps, ty), ty).to(tl.float32)
+        q, k, cols, mask = _normed_row(QKV, WQ, WK, row, stride_qkv, C, eps, ty, BLOCK_N)
+        q = cast(q, ty).to(tl.float32)  # the bf16 q attention would take
+        k = cast(k, ty).to(tl.float32)
         q8, qs = fp8_quantize_groups(tl.reshape(q, (BLOCK_N // D, D)))
         k8, ks = fp8_quantize_groups(tl.reshape(k, (BLOCK_N // D, D)))
         heads = tl.arange(0, BLOCK_N // D)
@@ -232,8 +232,9 @@ def head_dim_problem(c: int, heads: int) -> str:
     if heads < 1 or c % heads:
         return f"{heads} heads do not divide the width {c}"
     d = c // heads
-    if d & (d - 1) or not 16 <= d <= 256:
-        return f"head dim {d} is not a power of two in 16..256"
+    # (Hopper's e4m3 wgmma needs K >= 32: 16 does not build for sm_90; 256 spills in the main loop)
+    if d & (d - 1) or not 32 <= d <= 128:
+        return f"head dim {d} is not 32, 64 or 128"
     return ""
 
 

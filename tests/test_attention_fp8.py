@@ -14,24 +14,36 @@ from internvit_fast.kernels.common import FP8
 from internvit_fast.kernels.fp8 import quantize_ref
 from internvit_fast.kernels.launch import recording
 from internvit_fast.kernels.qk_norm import (FP8_SPEC, fp8_inputs, fp8_outputs, qk_norm_fp8_launch, qk_norm_fp8_ref)
-from internvit_fast.kernels.registry import Shape, run
+from internvit_fast.kernels.registry import Shape, rand, run
 from helpers import randomize
 
 
-def _inputs(batch: int, tokens: int, heads: int, d: int, dtype=torch.bfloat16, device="cpu") -> dict:
-    """The spec's inputs for ``batch`` sequences of ``tokens`` (the registry shape is one sequence)."""
+def _inputs(batch: int, tokens: int, heads: int, d: int, dtype=torch.bfloat16, device="cpu", outliers=False,
+            zero_v=None, v_gain=1.0) -> dict:
+    """The spec's inputs for ``batch`` sequences of ``tokens`` (the registry shape is one sequence):
+    norm weights near 1 (diffuse attention: P's rounding shows), or with ``outliers``
+    qk_norm_fp8's own (nearly one-hot rows); ``zero_v``: an index into v's (tokens, channels)
+    set to zero; v times ``v_gain``."""
     i = fp8_inputs(Shape(tokens, heads * d, dtype=dtype), device)  # one sequence
     qkv = torch.cat([i["qkv"] * (1 + j) for j in range(batch)])  # sequences of other magnitudes
+    qkv[:, :, 2 * heads * d:] *= v_gain
+    if zero_v is not None:
+        qkv[:, :, 2 * heads * d:][(slice(None),) + zero_v] = 0
     i = dict(i, qkv=qkv, heads=heads)
+    if not outliers:
+        i.update({n: rand((heads * d,), dtype, device, 0.3, 1.0) for n in ("q_weight", "k_weight")})
     qk, vt, s = qk_norm_fp8_ref(qkv, i["q_weight"], i["k_weight"], i["eps"], heads)
     return dict(i, qk=qk, vt=vt, s=s, scale=d ** -0.5)
 
 
-@pytest.mark.parametrize("batch, tokens, heads, d", [(3, 17, 2, 32), (2, 33, 1, 128), (1, 1, 2, 64), (2, 70, 3, 32)])
-def test_qk_norm_fp8_is_the_reference_bit_for_bit_over_several_sequences(device, batch, tokens, heads, d):
+@pytest.mark.parametrize("batch, tokens, heads, d", [(3, 17, 2, 32), (2, 33, 1, 128), (1, 1, 2, 64), (2, 70, 3, 32),
+                                                    (2, 32, 2, 32), (2, 64, 1, 64)])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_qk_norm_fp8_is_the_reference_bit_for_bit_over_several_sequences(device, batch, tokens, heads, d, outliers):
     """Several sequences: v's programs cut at sequence edges (33 = one 32-token block and one
-    token), its transposed copy's padding zeroed; q, k and every scale exactly the reference's."""
-    i = _inputs(batch, tokens, heads, d, device=device)
+    token; 32 and 64: whole blocks, none to spare), its transposed copy's padding zeroed; q, k
+    and every scale exactly the reference's."""
+    i = _inputs(batch, tokens, heads, d, device=device, outliers=outliers)
     got = run(FP8_SPEC, i)
     FP8_SPEC.judge(got, i)
     assert got["vt"].shape[-1] % 16 == 0 and got["vt"].shape[-1] >= tokens
@@ -56,19 +68,64 @@ def test_small_tiles_and_several_sequences(device, config):
     att.SPEC.judge(o, i)
 
 
-def test_the_judge_catches_a_biased_or_a_coarse_kernel(device):
-    """The judge fails an output 0.3% too large (a wrong row sum), and one whose P went through
-    e4m3 without the 256 (its small values subnormal)."""
-    i = _inputs(1, 40, 2, 64, device=device)
-    exact, _ = att.error_bound(i["qk"], i["vt"], i["s"], i["scale"], torch.bfloat16)
-    with pytest.raises(AssertionError, match="biased"):
-        att.judge({"o": (exact * 1.003).to(torch.bfloat16)}, i)
+def _toward_zero(x: torch.Tensor) -> torch.Tensor:
+    """x (>= 0) rounded toward zero in e4m3: to nearest, then one step down where that went up."""
+    y = x.float().to(FP8)
+    down = (y.view(torch.uint8).int() - 1).clamp_min(0).to(torch.uint8).view(FP8)
+    return torch.where(y.float() > x.float(), down.float(), y.float())
+
+
+def _p_rounded(i: dict, rounding, folded: bool = True) -> torch.Tensor:
+    """The output (B, N, C) bf16 with P (relative to the row maximum) rounded by ``rounding``:
+    ``folded``, times v's scales and 256 / the largest, as the kernel rounds it; or as it is."""
     q, k, v = att.split(i["qk"], i["vt"], i["s"])
-    p = torch.softmax((q @ k.transpose(-1, -2)) * i["scale"], -1)
-    coarse = (p.float().to(FP8).double() @ v).transpose(1, 2).reshape(exact.shape)  # P in [0, 1] straight to e4m3
-    with pytest.raises(AssertionError):
-        att.judge({"o": coarse.to(torch.bfloat16)}, i)
-    att.judge({"o": exact.to(torch.bfloat16)}, i)  # and passes the statement itself
+    logits = (q @ k.transpose(-1, -2)) * i["scale"]
+    p = torch.exp(logits - logits.amax(-1, keepdim=True))
+    f = i["s"][2].double().transpose(1, 2)[:, :, None, :] if folded else torch.ones(1, dtype=torch.float64)
+    f = f * 256 / f.amax(-1, keepdim=True) if folded else f
+    o = (rounding(p * f).double() / f @ v) / p.sum(-1, keepdim=True)
+    return o.transpose(1, 2).reshape(i["qk"].shape[1:]).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens", [40, 300])
+def test_the_judge_catches_a_biased_a_coarse_or_a_truncating_kernel(device, tokens):
+    """The judge fails an output 0.3% too large (a wrong row sum); one whose P was rounded
+    toward zero (inside the elementwise bound at unit logits: the RMS check sees it); and,
+    where attention is sharper (q's scales 4x: logits of spread 4), one whose P went through
+    e4m3 without the 256 (its small values subnormal: past the bound; at unit logits it is
+    harmless, and passes). It passes the statement, and P rounded once to nearest relative to
+    the row maximum (as the kernel's running maximum can be)."""
+    nearest = lambda x: x.float().to(FP8)  # noqa: E731
+    for outliers in (False, True):
+        i = _inputs(1, tokens, 2, 64, device=device, outliers=outliers)
+        exact, _ = att.error_bound(i["qk"], i["vt"], i["s"], i["scale"], torch.bfloat16)
+        # (sharp attention's error is small enough for the RMS check to see 0.3% first)
+        with pytest.raises(AssertionError, match="rounded once" if outliers else "biased"):
+            att.judge({"o": (exact * 1.003).to(torch.bfloat16)}, i)
+        att.judge({"o": _p_rounded(i, nearest)}, i)
+        att.judge({"o": exact.to(torch.bfloat16)}, i)
+    i = _inputs(1, tokens, 2, 64, device=device)
+    with pytest.raises(AssertionError, match="rounded once"):
+        att.judge({"o": _p_rounded(i, _toward_zero)}, i)
+    i["s"] = i["s"] * torch.tensor([4.0, 1, 1])[:, None, None, None]  # (powers of two: still e4m3's)
+    with pytest.raises(AssertionError, match="the bound"):
+        att.judge({"o": _p_rounded(i, nearest, folded=False)}, i)
+    att.judge({"o": _p_rounded(i, nearest)}, i)
+
+
+@pytest.mark.parametrize("zero_v, v_gain", [((slice(None),), 1.0), ((slice(0, 64),), 1.0),
+                                            ((slice(None), slice(0, 64)), 1.0), (None, 2.0 ** -12)],
+                         ids=["all", "first-64-tokens", "first-head", "tiny"])
+def test_zero_or_tiny_v_gives_a_finite_output_within_the_bound(device, zero_v, v_gain):
+    """v all zero, over a whole key tile, or over one head: scales of 2^-126 (the quantizer's
+    smallest), where the kernel's 256 / scale would overflow; or v 2^-12 of the usual (P
+    scaled against an acc unit of 1, not v's, would be subnormal): the output is finite and
+    meets the judge (all zero where v is)."""
+    i = _inputs(1, 130, 2, 64, device=device, zero_v=zero_v, v_gain=v_gain)
+    got = run(att.SPEC, i)
+    att.SPEC.judge(got, i)
+    if zero_v == (slice(None),):
+        assert not got["o"].any()
 
 
 def test_the_quantized_output_is_the_bf16_output_quantized(device):
@@ -97,6 +154,12 @@ def test_bad_inputs_are_refused_before_any_launch(device):
     with pytest.raises(ValueError, match="heads of 128"):
         att.attention_fp8_launch(qk, vt, s, 1.0, o.to(FP8), torch.empty(1, 9, 2, device=device), act=torch.bfloat16)
     qkv = i["qkv"]
+    for d in (16, 256):  # (16: e4m3 wgmma needs K >= 32; 256 spills)
+        bad = torch.zeros(1, 9, 6 * d, dtype=torch.bfloat16, device=device)
+        w = torch.ones(2 * d, dtype=torch.bfloat16, device=device)
+        assert not att.takes(bad, 2)
+        with pytest.raises(ValueError, match=f"head dim {d} is not 32, 64 or 128"):
+            qk_norm_fp8_launch(bad, w, w, 1e-6, 2, *fp8_outputs(bad, 2))
     with pytest.raises(ValueError, match="head dim 24"):
         qk_norm_fp8_launch(torch.zeros(1, 9, 144, dtype=torch.bfloat16, device=device), i["q_weight"][:48],
                            i["k_weight"][:48], 1e-6, 2, *fp8_outputs(torch.zeros(1, 9, 144), 2))

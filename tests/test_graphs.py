@@ -113,6 +113,8 @@ def test_autocast_and_math_modes_get_their_own_graph(fake_graphs):
             assert sig(graphed, img) != before
         finally:
             torch.use_deterministic_algorithms(False)
+        graphed.fp8_attention = True  # another attention (FP8 under precision="fp8")
+        assert sig(graphed, img) != before
 
 
 def test_cpu_inputs_run_eager_without_the_stand_in():

@@ -122,11 +122,16 @@ def test_gate_builds_the_tuners_candidates():
     """--candidates builds what the tuner would launch with each candidate, as the launcher
     plans it from a table holding it: two CTAs per SM and the flattened tile loop among them."""
     p = run("-m", "tools.gate", "--arch", "90", "--candidates", "--json", "--kernels",
-            "linear_gelu", "linear_residual[proj]", env=NO_INTERP)
+            "linear_gelu", "linear_residual[proj]", "attention_fp8", env=NO_INTERP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = [r for r in json.loads(p.stdout) if r["target"] == "sm_90"]
     from internvit_fast.kernels import REGISTRY
     specs = {s.id: s for s in REGISTRY}
+    attention = [r for r in records if r["kernel"] == "attention_fp8"]  # built and read, not priced as a GEMM
+    assert len(attention) == len(specs["attention_fp8"].candidates("sm90"))
+    assert all(r["wgmma"] and r["spills"] == 0 and r["main_loop_mma"] >= 5 and "predicted_us" not in r
+               for r in attention)
+    records = [r for r in records if r["kernel"] != "attention_fp8"]
     for kernel in ("linear_gelu", "linear_residual[proj]"):
         got = [r for r in records if r["kernel"] == kernel]
         assert len(got) == len(specs[kernel].candidates("sm90")) and all(r["candidate"] for r in got)

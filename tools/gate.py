@@ -620,8 +620,8 @@ def main(argv=None) -> int:
                    for p in candidate_plans(k, arch) if is_gemm(p)]
         for r in records:
             plan = r.pop("plan")
-            if r["target"] == "sm_90" and r.get("epilogue_instructions") is not None:
-                r["predicted_us"] = predicted_gemm_us(plan, r)
+            if r["target"] == "sm_90" and is_linear(plan) and r.get("epilogue_instructions") is not None:
+                r["predicted_us"] = predicted_gemm_us(plan, r)  # (attention's candidates: built, not priced)
     else:
         records = [r for arch in args.arch for r in check(arch, kernels)]
     moved = traffic(kernels, records)
