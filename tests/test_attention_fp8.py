@@ -189,12 +189,12 @@ def test_where_the_kernel_cannot_run_the_op_computes_the_statement(monkeypatch):
 CFG = dict(embed_dim=512, num_heads=4, depth=4, img_size=56, patch_size=14, pretrain_size=56, out_indices=[1, 3])
 
 
-def _bf16_model(outliers: bool) -> InternViT6B:
-    """test_fp8.py's random model (heads of 128); ``outliers``: its norm-weight channels 64x the
-    rest in norm1/norm2, and in q_norm/k_norm too (one in each of two heads: what FP8
-    attention's per-head scales meet)."""
+def _bf16_model(outliers: bool, **cfg) -> InternViT6B:
+    """test_fp8.py's random model (heads of 128; ``cfg`` overrides CFG); ``outliers``: its
+    norm-weight channels 64x the rest in norm1/norm2, and in q_norm/k_norm too (one in each of
+    two heads: what FP8 attention's per-head scales meet)."""
     torch.manual_seed(1)
-    m = InternViT6B(**CFG)
+    m = InternViT6B(**dict(CFG, **cfg))
     randomize(m)
     with torch.no_grad():
         if outliers:
@@ -239,7 +239,8 @@ def test_fp8_attention_features_against_bf16(device, outliers):
 def test_the_tuned_table_and_the_switch_choose_the_attention(device, tuned_table):
     """fp8_attention=None follows the table ("unfused": bf16 attention), True overrides it, False
     never runs it; a bf16 model never does; bad values are refused."""
-    m = _bf16_model(False).to(device)
+    small = dict(embed_dim=256, num_heads=2, depth=2, out_indices=[1])  # (only which kernels run matters here)
+    m = _bf16_model(False, **small).to(device)
     m.precision, m.fast = "fp8", True
     x = torch.randn(1, 3, 56, 56, device=device)
 
@@ -248,14 +249,14 @@ def test_the_tuned_table_and_the_switch_choose_the_attention(device, tuned_table
             _feats(m, x)
         return "attention_fp8" in {p.tuned_key[0] for p in plans}
     assert m.fp8_attention is None and ran()  # nothing measured: the FP8 kernel
-    tuned_table({"configs": {"attention_fp8": [{"shape": dict(M=1, N=17, H=4, D=128, dtype="bf16"), "config": {},
+    tuned_table({"configs": {"attention_fp8": [{"shape": dict(M=1, N=17, H=2, D=128, dtype="bf16"), "config": {},
                                                 "impl": "unfused"}]}})
     assert not ran()
     m.fp8_attention = True
     assert ran() and all(b.attn.fp8_attention for b in m.blocks)
     m.fp8_attention = False
     assert not ran()
-    bf = _bf16_model(False).to(device)
+    bf = _bf16_model(False, **small).to(device)
     bf.fast = True
     with recording() as plans:
         _feats(bf, x)
