@@ -19,14 +19,15 @@ from helpers import randomize
 
 
 def _inputs(batch: int, tokens: int, heads: int, d: int, dtype=torch.bfloat16, device="cpu", outliers=False,
-            zero_v=None, v_gain=1.0) -> dict:
+            zero_v=None, v_gain=1.0, late_gain=1.0) -> dict:
     """The spec's inputs for ``batch`` sequences of ``tokens`` (the registry shape is one sequence):
     norm weights near 1 (diffuse attention: P's rounding shows), or with ``outliers``
     qk_norm_fp8's own (nearly one-hot rows); ``zero_v``: an index into v's (tokens, channels)
-    set to zero; v times ``v_gain``."""
+    set to zero; v times ``v_gain``, and tokens 64 on times ``late_gain`` more."""
     i = fp8_inputs(Shape(tokens, heads * d, dtype=dtype), device)  # one sequence
     qkv = torch.cat([i["qkv"] * (1 + j) for j in range(batch)])  # sequences of other magnitudes
     qkv[:, :, 2 * heads * d:] *= v_gain
+    qkv[:, 64:, 2 * heads * d:] *= late_gain
     if zero_v is not None:
         qkv[:, :, 2 * heads * d:][(slice(None),) + zero_v] = 0
     i = dict(i, qkv=qkv, heads=heads)
@@ -114,8 +115,9 @@ def test_the_judge_catches_a_biased_a_coarse_or_a_truncating_kernel(device, toke
 
 
 @pytest.mark.parametrize("zero_v, v_gain", [((slice(None),), 1.0), ((slice(0, 64),), 1.0),
-                                            ((slice(None), slice(0, 64)), 1.0), (None, 2.0 ** -12)],
-                         ids=["all", "first-64-tokens", "first-head", "tiny"])
+                                            ((slice(None), slice(0, 64)), 1.0), (None, 2.0 ** -12),
+                                            ((slice(64, 128),), 1.0)],
+                         ids=["all", "first-64-tokens", "first-head", "tiny", "a-later-tile"])
 def test_zero_or_tiny_v_gives_a_finite_output_within_the_bound(device, zero_v, v_gain):
     """v all zero, over a whole key tile, or over one head: scales of 2^-126 (the quantizer's
     smallest), where the kernel's 256 / scale would overflow; or v 2^-12 of the usual (P
@@ -126,6 +128,18 @@ def test_zero_or_tiny_v_gives_a_finite_output_within_the_bound(device, zero_v, v
     att.SPEC.judge(got, i)
     if zero_v == (slice(None),):
         assert not got["o"].any()
+
+
+@pytest.mark.parametrize("outliers, q_gain, late_gain", [(True, 1.0, 1.0), (False, 4.0, 1.0), (False, 1.0, 16.0)],
+                         ids=["one-hot", "logits-4x", "v-16x-after-the-first-tile"])
+def test_sharp_attention_and_growing_v_scales_over_several_key_tiles(device, outliers, q_gain, late_gain):
+    """130 tokens (three key tiles): nearly one-hot rows and logits spread 4x (the running
+    maximum and its rescale; P's small values, where the 256 matters), and v 16x larger after
+    the first tile (acc's unit grows: the c_old / c rescale)."""
+    i = _inputs(1, 130, 2, 64, device=device, outliers=outliers, late_gain=late_gain)
+    i["s"] = i["s"] * torch.tensor([q_gain, 1, 1], device=device)[:, None, None, None]  # (powers of two)
+    got = run(att.SPEC, i)
+    att.SPEC.judge(got, i)
 
 
 def test_the_quantized_output_is_the_bf16_output_quantized(device):
