@@ -20,8 +20,8 @@ BLOCK_N with an online softmax in the exp2 domain. Per tile:
 v's per-token scales are folded into P before it is quantized (they multiply P's columns),
 so P @ v runs on e4m3 operands with one scalar per tile; the 256 puts P's values near the
 top of e4m3's range (P <= 1 would leave its smallest values subnormal). c only grows, so
-the rescale never overflows (a tile of all-zero v has the smallest scale, 2^-126). The row sum uses
-the unquantized P. The softmax scale is folded into q's scales once per program.
+the rescale never overflows (a tile of all-zero v has the smallest scale, 2^-126). The row
+sum uses the unquantized P. The softmax scale is folded into q's scales once per program.
 
 Numerics: against the statement (attention on the dequantized inputs, in float64) the only
 errors are P's rounding to e4m3 (at most 2^-4 of P, or an absolute 2^-18 where P is tiny:
@@ -82,6 +82,15 @@ def attention_fp8_ref(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale
     return o.transpose(1, 2).reshape(qk.shape[1], qk.shape[2], -1)
 
 
+def _weights(qk, vt, s, scale):
+    """In float64: v (B, H, N, D), P = exp(S - max_n S) (B, H, N, N), its row sums l and v's
+    scales (B, H, N): what error_bound and rounded_once start from."""
+    q, k, v = split(qk, vt, s)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    p = torch.exp(logits - logits.amax(-1, keepdim=True))
+    return v, p, p.sum(-1, keepdim=True), s[2].double().transpose(1, 2)
+
+
 def error_bound(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: torch.dtype
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(exact, bound) (B, N, C) in float64: the statement and the kernel's largest error from it.
@@ -96,12 +105,8 @@ def error_bound(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: floa
         |o - exact| <= (2^-4 sum_n P |v| + 2^-18 T sum_{n: P < 2^-14 T / sv} |v / sv|) / l
                        + the output's rounding.
     """
-    q, k, v = split(qk, vt, s)
+    v, p, l, sv = _weights(qk, vt, s, scale)
     _, b, n, c = qk.shape
-    logits = (q @ k.transpose(-1, -2)) * scale
-    p = torch.exp(logits - logits.amax(-1, keepdim=True))  # (B, H, N, N), max 1 per row
-    l = p.sum(-1, keepdim=True)  # noqa: E741
-    sv = s[2].double().transpose(1, 2)  # (B, H, N)
     big = sv.amax(dim=-1, keepdim=True)[..., None]  # T per (b, h)
     small = p < 2.0 ** -14 * big / sv[:, :, None, :]
     exact = (p @ v) / l
@@ -118,14 +123,12 @@ def rounded_once(qk: torch.Tensor, vt: torch.Tensor, s: torch.Tensor, scale: flo
     it (P <= 1 times sv * 256 / T, T the sequence's largest v scale), then the output rounded to
     ``out_dtype``. The error a kernel that rounds P once should have: judge holds the kernel's
     RMS error to this one's (measured 0.7-1.0x; P rounded toward zero: 1.6-2.2x)."""
-    q, k, v = split(qk, vt, s)
+    v, p, l, sv = _weights(qk, vt, s, scale)
     _, b, n, c = qk.shape
-    logits = (q @ k.transpose(-1, -2)) * scale
-    p = torch.exp(logits - logits.amax(-1, keepdim=True))
-    sv = s[2].double().transpose(1, 2)[:, :, None, :]  # (B, H, 1, N)
+    sv = sv[:, :, None, :]  # (B, H, 1, N)
     t = sv.amax(-1, keepdim=True)
     p8 = (p * sv * (256 / t)).float().to(FP8).double() * (t / 256) / sv  # (sv: powers of two, exact)
-    o = (p8 @ v) / p.sum(-1, keepdim=True)
+    o = (p8 @ v) / l
     return o.to(out_dtype).double().transpose(1, 2).reshape(b, n, c)
 
 
